@@ -246,6 +246,23 @@ def label_counts(records: list[dict]) -> dict[str, Counter]:
     return counts
 
 
+
+def distribution_table(folder: str | Path) -> str:
+    """The data card's label-distribution table (markdown), computed from the split files."""
+    splits = {s: label_counts(read_jsonl(Path(folder) / f"{s}.jsonl")) for s in SPLIT_SIZES}
+    lines = ["| field | " + " | ".join(SPLIT_SIZES) + " |", "|---" * (len(SPLIT_SIZES) + 1) + "|"]
+    for f in FIELDS:
+        cells = []
+        for s in SPLIT_SIZES:
+            c = splits[s][f]
+            if f == "product":
+                cells.append(f"{sum(v for k, v in c.items() if k != 'none')} named, {c['none']} null")
+            else:
+                cells.append(", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import sys
 

@@ -40,9 +40,14 @@ def parse_triage(text: str) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+def follows_schema(obj: dict | None) -> bool:
+    """Format compliance: exactly the schema's fields, in order, each a string or null."""
+    return isinstance(obj, dict) and list(obj) == FIELDS and all(v is None or isinstance(v, str) for v in obj.values())
+
+
 def is_valid(obj: dict | None) -> bool:
-    """True if obj has exactly the schema's fields with allowed values."""
-    if not isinstance(obj, dict) or list(obj) != FIELDS:
+    """Follows the schema and every value comes from its allowed set."""
+    if not follows_schema(obj):
         return False
     for field, labels in LABEL_SETS.items():
         if obj[field] not in labels:
@@ -123,8 +128,8 @@ PRIORITY_CUES = {
     ],
     "medium": ["", "", "Please let me know the next steps.", "Could you look into it this week?"],
     "low": [
-        "No rush, whenever you get a chance.", "This is not urgent at all.",
-        "Just asking for future reference.", "Low priority, reply when convenient.",
+        "No rush, whenever you get a chance.", "No hurry at all, reply when convenient.",
+        "Just asking for future reference, no rush.", "Low priority, whenever suits you.",
         "No hurry on this one.",
     ],
 }
@@ -154,13 +159,8 @@ LAST_NAMES = ["Garcia", "Smith", "Tanaka", "Okafor", "Müller", "Rossi", "Kim", 
 
 
 def _product_mention(rng: random.Random, product: str) -> str:
-    """How a customer names a product: exact, lower case, or with a possessive."""
-    style = rng.random()
-    if style < 0.5:
-        return f"the {product}"
-    if style < 0.75:
-        return f"my {product.lower()}"
-    return f"my new {product}"
+    """How a customer names a product: 'the', 'my' or 'my new' before its name."""
+    return rng.choice(["the", "the", "my", "my new"]) + " " + product
 
 
 def _order_id(rng: random.Random) -> str:

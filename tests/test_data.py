@@ -65,3 +65,9 @@ def test_probe_set_has_questions_with_answers():
     probes = read_jsonl(DATA / "probes.jsonl")
     assert len(probes) == 40
     assert all(p["question"].strip() and p["answers"] for p in probes)
+
+
+def test_data_card_states_the_current_label_distribution():
+    from labkit.datagen import distribution_table
+
+    assert distribution_table(DATA) in (DATA / "README.md").read_text(encoding="utf-8")

@@ -1,6 +1,6 @@
 import random
 
-from labkit.tickets import FIELDS, field_matches, is_valid, make_ticket, parse_triage, to_json
+from labkit.tickets import FIELDS, field_matches, follows_schema, is_valid, make_ticket, parse_triage, to_json
 
 GOLD = {"category": "billing", "priority": "high", "sentiment": "negative", "product": None, "order_id": "ORD-12345"}
 
@@ -27,6 +27,12 @@ def test_valid_requires_exact_fields_and_known_labels():
     assert not is_valid({**GOLD, "product": "Banana Phone"})
 
 
+def test_schema_compliance_allows_unknown_labels_but_not_missing_fields():
+    assert follows_schema({**GOLD, "category": "delivery"})
+    assert not follows_schema({k: GOLD[k] for k in FIELDS[:-1]})
+    assert not follows_schema({**GOLD, "priority": 3})
+
+
 def test_field_matches_counts_each_field_and_missing_as_wrong():
     pred = {"category": "billing", "priority": "low"}
     assert field_matches(pred, GOLD) == {
@@ -43,4 +49,4 @@ def test_generated_ticket_mentions_its_order_id_and_product():
         if t.label["order_id"]:
             assert t.label["order_id"] in t.text
         if t.label["product"]:
-            assert t.label["product"].lower() in t.text.lower()
+            assert t.label["product"] in t.text
