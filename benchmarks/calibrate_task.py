@@ -18,24 +18,7 @@ from labkit.evaluate import generate, score_triage
 from labkit.models import load_model
 from labkit.paths import data_dir
 from labkit.runtime import detect
-from labkit.tickets import CATEGORIES, PRIORITIES, PRODUCTS, SENTIMENTS, label_of
-
-INSTRUCTIONS = (
-    "You triage customer support tickets. Reply with one JSON object and nothing else, with exactly "
-    "these keys in this order:\n"
-    f'"category": one of {CATEGORIES}\n'
-    f'"priority": one of {PRIORITIES} (high if the customer says it is urgent, low if there is no rush)\n'
-    f'"sentiment": one of {SENTIMENTS}\n'
-    f'"product": one of {PRODUCTS}, or null if no product is named\n'
-    '"order_id": the order number such as "ORD-12345", or null'
-)
-
-
-def prompts(examples: list[dict], system: str, shots: list[dict]) -> list[list[dict]]:
-    """Chat prompts: a system message, optional few-shot turns, then the ticket."""
-    few = [m for ex in shots for m in ex["messages"][1:]]
-    return [[{"role": "system", "content": system}, *few, ex["messages"][1]] for ex in examples]
-
+from labkit.tickets import INSTRUCTIONS, label_of, prompt_conversations as prompts
 
 def encode(tokenizer, example: dict) -> tuple[list[int], list[int]]:
     """Token ids and labels with everything but the assistant answer masked (-100)."""

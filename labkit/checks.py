@@ -18,3 +18,38 @@ def check_template_overhead(overhead: int, tokenizer, conversation: list[dict]) 
             f"(add_generation_prompt=True) and subtract the tokens of each message's content."
         )
     _ok(f"{expected} tokens of wrapping for {len(conversation)} messages plus the generation prompt.")
+
+
+def check_early_stop(stop_step: int | None, evals: list[dict], patience: int) -> None:
+    """Check the exercise 'when would early stopping with this patience have stopped?'."""
+    best, bad, expected = float("inf"), 0, None
+    for h in evals:
+        if h["val_loss"] < best:
+            best, bad = h["val_loss"], 0
+        else:
+            bad += 1
+            if bad == patience:
+                expected = h["step"]
+                break
+    if stop_step != expected:
+        raise AssertionError(
+            f"stop_step = {stop_step}, expected {expected}: walk the evaluations in order, reset the counter at "
+            f"each new best validation loss, and stop at the evaluation where it reaches {patience}."
+        )
+    _ok(f"with patience={patience} training stops at step {expected}, after its best at a lower step.")
+
+
+def check_lora_count(answer: int, config, r: int, targets: list[str]) -> None:
+    """Check the exercise 'count the trainable parameters of a LoRA adapter from the model config'."""
+    from labkit.memory import linear_dims, lora_trainable_params, shape_from_config
+
+    shape = shape_from_config(config)
+    expected = lora_trainable_params(shape, r, targets)
+    if answer != expected:
+        dims = linear_dims(shape)
+        hint = ", ".join(f"{t}: {dims[t][0]} -> {dims[t][1]}" for t in targets)
+        raise AssertionError(
+            f"got {answer:,}, expected {expected:,}. Each adapted matrix costs r * (d_in + d_out); "
+            f"per layer the sizes are {hint}; multiply by the {shape.layers} layers."
+        )
+    _ok(f"{expected:,} trainable parameters: r * (d_in + d_out) summed over {len(targets)} matrices x {shape.layers} layers.")

@@ -360,19 +360,21 @@ def run_key(model_name: str, train: list[dict], config: SFTConfig) -> str:
 
 
 def cached_sft(model, tokenizer, model_name: str, train: list[dict], validation: list[dict] | None,
-               config: SFTConfig, **train_kwargs) -> tuple[PeftModel, SFTResult | None, Path]:
-    """Load the adapter of an identical earlier run from labkit's cache, or train it and cache it."""
+               config: SFTConfig, **train_kwargs) -> tuple[SFTResult, Path]:
+    """The result of an identical earlier run from labkit's cache, or train it now and cache it."""
     from labkit.models import cache_root
 
     folder = cache_root() / "adapters" / run_key(model_name, train, config)
-    if (folder / "adapter_config.json").exists():
-        return PeftModel.from_pretrained(model, folder), None, folder
+    if (folder / "adapter_config.json").exists() and (folder / "run.json").exists():
+        run = json.loads((folder / "run.json").read_text())
+        return SFTResult(PeftModel.from_pretrained(model, folder), **run), folder
     result = train_sft(model, tokenizer, train, validation, config, **train_kwargs)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     result.model.save_pretrained(tmp)
-    (tmp / "history.json").write_text(json.dumps(result.history))
+    run = {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "stopped_early", "tokens_per_s")}
+    (tmp / "run.json").write_text(json.dumps(run))
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
-    return result.model, result, folder
+    return result, folder

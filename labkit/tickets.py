@@ -20,6 +20,23 @@ LABEL_SETS = {"category": CATEGORIES, "priority": PRIORITIES, "sentiment": SENTI
 
 SYSTEM_PROMPT = "Triage the support ticket. Reply with JSON only."
 
+# The prompt-engineering baseline's system prompt: everything a careful prompt engineer would say.
+INSTRUCTIONS = (
+    "You triage customer support tickets. Reply with one JSON object and nothing else, with exactly "
+    "these keys in this order:\n"
+    f'"category": one of {CATEGORIES}\n'
+    f'"priority": one of {PRIORITIES} (high if the customer says it is urgent, low if there is no rush)\n'
+    f'"sentiment": one of {SENTIMENTS}\n'
+    f'"product": one of {PRODUCTS}, or null if no product is named\n'
+    '"order_id": the order number such as "ORD-12345", or null'
+)
+
+
+def prompt_conversations(examples: list[dict], system: str = SYSTEM_PROMPT, shots: list[dict] = ()) -> list[list[dict]]:
+    """Chat prompts for examples: a system message, optional few-shot turns, then the ticket."""
+    few = [m for ex in shots for m in ex["messages"][1:]]
+    return [[{"role": "system", "content": system}, *few, ex["messages"][1]] for ex in examples]
+
 # ---------------------------------------------------------------- the answer format
 
 

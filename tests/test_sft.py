@@ -146,3 +146,18 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_the_same_outputs(smollm2,
         a = result.model(input_ids=batch["input_ids"]).logits
         b = reloaded(input_ids=batch["input_ids"]).logits
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_cached_run_is_reused_without_retraining(smollm2, examples, tmp_path, monkeypatch):
+    import copy
+
+    from labkit import sft
+
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    base, tokenizer = smollm2
+    cfg = SFTConfig(**{**TINY.__dict__, "steps": 2})
+    first, folder = sft.cached_sft(copy.deepcopy(base), tokenizer, "smollm2", examples[:4], None, cfg, plot=False, progress=False)
+    monkeypatch.setattr(sft, "train_sft", lambda *a, **k: pytest.fail("trained again on a cache hit"))
+    second, again = sft.cached_sft(copy.deepcopy(base), tokenizer, "smollm2", examples[:4], None, cfg)
+    assert again == folder and second.history == first.history
+    assert sft.run_key("smollm2", examples[:4], cfg) != sft.run_key("smollm2", examples[:5], cfg)
