@@ -61,8 +61,8 @@ def quick_sft(model, tokenizer, train: list[dict], budget_s: float, steps: int, 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=180.0, help="training seconds (wall clock)")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=72)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--skip-baselines", action="store_true")

@@ -61,6 +61,27 @@ def test_labels_match_trl_completion_mask(smollm2, examples):
     assert torch.equal(batch["labels"][:, :width], ours["labels"])
 
 
+def test_loss_equals_trl_assistant_only_loss_on_one_batch(fresh_model, examples):
+    from datasets import Dataset
+    from trl.trainer.sft_trainer import SFTConfig as TRLConfig, SFTTrainer
+
+    model, tokenizer = fresh_model
+    model = add_lora(model, TINY)
+    with torch.no_grad():  # a non-zero adapter, so the comparison exercises the LoRA path too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    data = Dataset.from_list([{"prompt": ex["messages"][:-1], "completion": ex["messages"][-1:]} for ex in examples[:4]])
+    args = TRLConfig(output_dir="/tmp/labkit-trl-loss", report_to="none", bf16=False, use_cpu=True, max_length=512)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    ours = collate([tokenize_chat(tokenizer, ex["messages"]) for ex in examples[:4]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(model, batch).item()
+        total, n = assistant_loss(model, ours)
+    assert abs(total.item() / n - trl_loss) < 1e-4, (total.item() / n, trl_loss)
+
+
 def test_loss_skips_unlabelled_positions_and_equals_full_logits_loss(fresh_model, examples):
     model, tokenizer = fresh_model
     batch = collate([tokenize_chat(tokenizer, ex["messages"]) for ex in examples[:4]], tokenizer.pad_token_id)
