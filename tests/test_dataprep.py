@@ -1,0 +1,111 @@
+"""Specifications of labkit.dataprep: validation, cleaning, decontamination and splits."""
+
+import json
+
+import pytest
+
+from labkit import LabkitError
+from labkit.datagen import read_jsonl
+from labkit.dataprep import (
+    DataError, clean, compare_with_manifest, detect_format, find_test_leaks, load_jsonl, stratified_split,
+    to_instruction, to_messages, validate_lines,
+)
+from labkit.paths import data_dir
+
+GOOD = {"messages": [{"role": "system", "content": "Triage the support ticket. Reply with JSON only."},
+                     {"role": "user", "content": "My invoice shows the wrong amount."},
+                     {"role": "assistant", "content": json.dumps({"category": "billing", "priority": "low", "sentiment": "neutral", "product": None, "order_id": None})}]}
+
+
+@pytest.fixture(scope="module")
+def cleaned():
+    test = read_jsonl(data_dir() / "test.jsonl")
+    return clean(data_dir() / "raw_tickets.jsonl", test), test
+
+
+def write(tmp_path, lines, name="f.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_validator_finds_every_planted_problem_per_category(cleaned):
+    (_, report), _ = cleaned
+    manifest = json.loads((data_dir() / "raw_manifest.json").read_text())
+    for kind, row in compare_with_manifest(report.problems, manifest).items():
+        assert row["matched"] == row["planted"] and row["extra"] == 0, (kind, row)
+
+
+def test_malformed_line_reported_with_its_line_number_and_scan_continues(tmp_path):
+    path = write(tmp_path, [json.dumps(GOOD), '{"messages": [', json.dumps(GOOD), '{"messages": "x"}'])
+    good, problems = validate_lines(path)
+    assert [n for n, _ in good] == [1, 3]
+    assert [p.line for p in problems] == [2, 4]
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"messages": [{"role": "user", "content": 42}, GOOD["messages"][2]]}, "messages[0].content"),
+    ({"messages": [{"content": "hi"}, GOOD["messages"][2]]}, "messages[0].role"),
+    ({"messages": [GOOD["messages"][1], {"role": "assistant", "content": " "}]}, "messages[1].content"),
+    ({"text": "hello"}, "format"),
+])
+def test_bad_record_gives_one_problem_naming_its_field(tmp_path, record, field):
+    _, problems = validate_lines(write(tmp_path, [json.dumps(record)]))
+    assert len(problems) == 1 and problems[0].field == field and problems[0].fix
+
+
+def test_zero_byte_file_gives_one_clear_problem(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    _, problems = validate_lines(path)
+    assert len(problems) == 1 and "empty" in problems[0].message
+
+
+def test_non_utf8_file_reports_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"messages": "caf\xe9"}'.encode("latin-1") + b"\n")
+    _, problems = validate_lines(path)
+    assert [(p.line, p.field) for p in problems] == [(2, "encoding")]
+
+
+def test_load_raises_one_labkit_error_listing_file_line_and_fix(tmp_path):
+    path = write(tmp_path, ['{"messages": [', json.dumps(GOOD), "[1, 2]"], name="bad.jsonl")
+    with pytest.raises(DataError) as err:
+        load_jsonl(path)
+    assert isinstance(err.value, LabkitError)
+    lines = str(err.value).splitlines()
+    assert lines[1].startswith("bad.jsonl line 1: json:") and "Fix:" in lines[1]
+    assert lines[2].startswith("bad.jsonl line 3: format:")
+
+
+def test_formats_are_detected_and_converted_both_ways():
+    alpaca = to_instruction(GOOD)
+    assert detect_format(alpaca) == "instruction" and detect_format(GOOD) == "messages"
+    back = to_messages(alpaca)
+    assert back["messages"][-1] == GOOD["messages"][-1]
+    assert detect_format({"prompt": "a", "chosen": "b", "rejected": "c"}) == "preference"
+    assert detect_format({"prompt": "a", "completion": "b"}) == "completion"
+
+
+def test_decontamination_removes_every_planted_leak(cleaned):
+    (kept, report), test = cleaned
+    manifest = json.loads((data_dir() / "raw_manifest.json").read_text())
+    assert {p.line for p in report.problems if p.kind == "test_leak"} == {e["line"] for e in manifest["test_leak"]}
+    assert find_test_leaks(list(enumerate(kept, 1)), test) == []
+
+
+def test_clean_set_has_no_duplicate_prompts(cleaned):
+    (kept, report), _ = cleaned
+    from labkit.dataprep import prompt_key
+    keys = [prompt_key(r) for r in kept]
+    assert len(keys) == len(set(keys)) == report.kept
+
+
+def test_stratified_split_keeps_label_mix_and_shares_no_prompt(cleaned):
+    (kept, _), _ = cleaned
+    from labkit.dataprep import prompt_key
+    train, val, test = stratified_split(kept, (0.8, 0.1, 0.1))
+    assert len(train) + len(val) + len(test) == len(kept)
+    assert not {prompt_key(r) for r in train} & {prompt_key(r) for r in test}
+    cats = {json.loads(r["messages"][-1]["content"])["category"] for r in test}
+    assert len(cats) == 5 and 0.07 < len(test) / len(kept) < 0.13
