@@ -25,6 +25,7 @@ PROFILES: dict[str, dict] = {
         "eval_examples": 200,
         "overfit_steps": 20,
         "dpo_steps": 40,
+        "decide_examples": 16,
     },
     "gpu": {
         "model": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
@@ -37,6 +38,7 @@ PROFILES: dict[str, dict] = {
         "eval_examples": 200,
         "overfit_steps": 60,
         "dpo_steps": 200,
+        "decide_examples": 100,
     },
 }
 
