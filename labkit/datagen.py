@@ -30,7 +30,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a clean JSONL file (use labkit.data.validate for untrusted files)."""
+    """Read a clean JSONL file (use labkit.dataprep.load_jsonl for untrusted files)."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
