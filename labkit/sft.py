@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +77,8 @@ def length_grouped_batches(lengths: list[int], batch_size: int, n_batches: int, 
 # ---------------------------------------------------------------- the loss
 
 
-def assistant_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled tokens, and their count.
+def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits at labelled positions only, their targets, and the (batch x seq-1) mask of those positions.
 
     The output head (576 -> 49,152) runs only at positions that have a label: batch x seq x vocab logits
     are never built.
@@ -86,8 +87,45 @@ def assistant_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = causal_lm.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+    return causal_lm.lm_head(hidden[:, :-1][keep]).float(), targets[keep], keep
+
+
+def assistant_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled tokens, and their count."""
+    logits, targets, keep = labelled_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="sum"), int(keep.sum())
+
+
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many tokens of a batch have a label (what the SFT loss is averaged over)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the training loop minimises: how an example becomes a row, rows a batch, and a batch a loss.
+
+    `loss(model, batch)` returns the loss summed over the batch's units (labelled tokens for SFT, preference
+    pairs for DPO) and a dict of metrics, also summed over those units; `units(batch)` counts them. The loop
+    divides both by the units of the whole step, so it logs means.
+    """
+
+    name: str
+    tokenize: Callable[[Any, dict, int | None], dict]  # (tokenizer, example, max_length) -> row
+    collate: Callable[[list[dict], int], dict[str, torch.Tensor]]  # (rows, pad_id) -> batch
+    loss: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+    units: Callable[[dict[str, torch.Tensor]], int]
+    length: Callable[[dict], int] = lambda row: len(row["input_ids"])  # for length-grouped batches
+    loss_label: str = "loss per assistant token"  # the plot's y axis
+
+
+SFT = Objective(
+    name="SFT",
+    tokenize=lambda tokenizer, example, max_length: tokenize_chat(tokenizer, example["messages"], max_length),
+    collate=collate,
+    loss=lambda model, batch: (assistant_loss(model, batch)[0], {}),
+    units=labelled_tokens,
+)
 
 
 # ---------------------------------------------------------------- configuration and results
@@ -195,15 +233,16 @@ def load_adapter_weights(model: PeftModel, weights: dict[str, torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def validation_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16) -> float:
-    """Mean per-token assistant loss over tokenized rows."""
+def validation_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16, objective: Objective = SFT) -> float:
+    """Mean loss per unit (per assistant token for SFT) over tokenized rows."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    order = sorted(range(len(rows)), key=lambda i: objective.length(rows[i]))
     for b in range(0, len(order), batch_size):
-        loss, n = assistant_loss(model, collate([rows[i] for i in order[b : b + batch_size]], pad_id))
-        total, count = total + loss.item(), count + n
+        batch = objective.collate([rows[i] for i in order[b : b + batch_size]], pad_id)
+        loss, _ = objective.loss(model, batch)
+        total, count = total + loss.item(), count + objective.units(batch)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -227,13 +266,30 @@ def train_sft(
 
     `stop_after` ends the run after that many steps (to demonstrate interruption and resume).
     """
-    config = config or SFTConfig()
+    return train_loop(model, tokenizer, train, validation, config or SFTConfig(), SFT, out_dir=out_dir, resume=resume,
+                      plot=plot, progress=progress, stop_after=stop_after)
+
+
+def train_loop(
+    model,
+    tokenizer,
+    train: list[dict],
+    validation: list[dict] | None,
+    config: SFTConfig,
+    objective: Objective,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    plot: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> SFTResult:
+    """The one LoRA training loop: minimise `objective` on `train`, keep the best adapter by validation loss."""
     torch.manual_seed(config.seed)
     model = model if isinstance(model, PeftModel) else add_lora(model, config)
     pad_id = tokenizer.pad_token_id
-    rows = [tokenize_chat(tokenizer, ex["messages"], config.max_length) for ex in train]
-    val_rows = [tokenize_chat(tokenizer, ex["messages"], config.max_length) for ex in validation or []]
-    schedule = length_grouped_batches([len(r["input_ids"]) for r in rows], config.batch_size,
+    rows = [objective.tokenize(tokenizer, ex, config.max_length) for ex in train]
+    val_rows = [objective.tokenize(tokenizer, ex, config.max_length) for ex in validation or []]
+    schedule = length_grouped_batches([objective.length(r) for r in rows], config.batch_size,
                                       config.steps * config.grad_accum, config.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -247,22 +303,25 @@ def train_sft(
         optimizer.load_state_dict(state["optimizer"])
         history, best, start_step = state["history"], state["best"], state["step"]
         torch.set_rng_state(state["torch_rng"])
-    live = LossPlot() if plot else None
+    live = LossPlot(objective.name, objective.loss_label) if plot else None
     result = SFTResult(model, history)
     model.train()
     tokens, started = 0, time.perf_counter()
-    bar = tqdm(range(start_step, config.steps), desc="SFT", disable=not progress, initial=start_step, total=config.steps)
+    bar = tqdm(range(start_step, config.steps), desc=objective.name, disable=not progress, initial=start_step,
+               total=config.steps)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        micro = [collate([rows[i] for i in schedule[step * config.grad_accum + k]], pad_id)
+        micro = [objective.collate([rows[i] for i in schedule[step * config.grad_accum + k]], pad_id)
                  for k in range(config.grad_accum)]
-        n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        step_loss = 0.0
-        for batch in micro:  # gradient accumulation: the loss is the mean over all labelled tokens
-            loss, _ = assistant_loss(model, batch)
-            (loss / n_labels).backward()
-            step_loss += loss.item() / n_labels
+        n_units = sum(objective.units(b) for b in micro)
+        step_loss, metrics = 0.0, {}
+        for batch in micro:  # gradient accumulation: the loss is the mean over all units (tokens, pairs) of the step
+            loss, sums = objective.loss(model, batch)
+            (loss / n_units).backward()
+            step_loss += loss.item() / n_units
+            for name, value in sums.items():
+                metrics[name] = metrics.get(name, 0.0) + value / n_units
             tokens += int(batch["attention_mask"].sum())
         if not math.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
@@ -274,10 +333,10 @@ def train_sft(
         torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": step_loss, "lr": lr_at(step, config)}
+        record = {"step": step + 1, "loss": step_loss, "lr": lr_at(step, config), **metrics}
         last = step + 1 == config.steps
         if val_rows and ((step + 1) % config.eval_every == 0 or last):
-            record["val_loss"] = validation_loss(model, val_rows, pad_id)
+            record["val_loss"] = validation_loss(model, val_rows, pad_id, objective=objective)
             if record["val_loss"] < best["val_loss"]:
                 best = {"step": step + 1, "val_loss": record["val_loss"], "adapter": adapter_state(model), "bad_evals": 0}
             else:
@@ -309,8 +368,9 @@ def train_sft(
 class LossPlot:
     """A training/validation loss figure updated in place through one display handle."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "SFT", loss_label: str = "loss per assistant token") -> None:
         self.handle = None
+        self.title, self.loss_label = f"LoRA {name}", loss_label
 
     def update(self, history: list[dict]) -> None:
         try:
@@ -322,7 +382,7 @@ class LossPlot:
             return
         import matplotlib.pyplot as plt
 
-        fig = plot_history(history)
+        fig = plot_history(history, self.title, self.loss_label)
         if self.handle is None:
             self.handle = display(fig, display_id=True)
         else:
@@ -330,7 +390,7 @@ class LossPlot:
         plt.close(fig)
 
 
-def plot_history(history: list[dict], title: str = "LoRA SFT"):
+def plot_history(history: list[dict], title: str = "LoRA SFT", loss_label: str = "loss per assistant token"):
     """Training loss per step and validation loss per evaluation, on one figure."""
     import matplotlib.pyplot as plt
 
@@ -339,7 +399,7 @@ def plot_history(history: list[dict], title: str = "LoRA SFT"):
     evals = [h for h in history if "val_loss" in h]
     if evals:
         ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="loss per assistant token", title=title, yscale="log")
+    ax.set(xlabel="step", ylabel=loss_label, title=title, yscale="log")
     ax.legend()
     fig.tight_layout()
     return fig
