@@ -84,8 +84,10 @@ def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     are never built.
     """
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
-    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
+    device = causal_lm.lm_head.weight.device
+    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
     keep = targets != IGNORE
     return causal_lm.lm_head(hidden[:, :-1][keep]).float(), targets[keep], keep
 
