@@ -53,3 +53,21 @@ def check_lora_count(answer: int, config, r: int, targets: list[str]) -> None:
             f"per layer the sizes are {hint}; multiply by the {shape.layers} layers."
         )
     _ok(f"{expected:,} trainable parameters: r * (d_in + d_out) summed over {len(targets)} matrices x {shape.layers} layers.")
+
+
+def check_dpo_pair(loss: float, margin: float, logps: dict[str, float], beta: float) -> None:
+    """Check the exercise 'the DPO loss of one pair by hand': its reward margin and its sigmoid loss."""
+    import math
+
+    chosen = logps["policy_chosen"] - logps["ref_chosen"]
+    rejected = logps["policy_rejected"] - logps["ref_rejected"]
+    expected_margin = beta * (chosen - rejected)
+    expected_loss = math.log1p(math.exp(-expected_margin))  # -log sigmoid(m) = log(1 + e^-m)
+    if abs(margin - expected_margin) > 1e-4 * max(1.0, abs(expected_margin)):
+        raise AssertionError(
+            f"margin = {margin:.5f}, expected {expected_margin:.5f}: each reply's implicit reward is "
+            f"beta * (policy log-prob - reference log-prob); the margin is chosen's reward minus rejected's."
+        )
+    if abs(loss - expected_loss) > 1e-4:
+        raise AssertionError(f"loss = {loss:.5f}, expected {expected_loss:.5f}: the loss is -log sigmoid(margin).")
+    _ok(f"margin {expected_margin:.3f}, loss {expected_loss:.4f} (ln 2 = 0.6931 when the margin is zero).")
