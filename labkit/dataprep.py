@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 from collections import Counter, defaultdict
+from itertools import zip_longest
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -308,3 +309,47 @@ def stratified_split(records: list[dict], fractions: tuple[float, ...] = (0.8, 0
             for g in gs[round(bounds[p]) : round(bounds[p + 1])]:
                 parts[p] += g
     return parts
+
+
+# ---------------------------------------------------------------- experiments: quality and quantity
+
+
+def careless_records(path: str | Path) -> list[dict]:
+    """What a careless user trains on: every line that parses to a chat record the chat template can render.
+
+    Nothing else is checked, so duplicates, contradictions, test leaks, empty or broken answers and
+    unknown roles all stay in. Lines that would crash the trainer (not JSON, not UTF-8, `messages` not a
+    non-empty list of {role, content} strings) are skipped, as a user would after the first crash.
+    """
+    records = []
+    for blob in Path(path).read_bytes().split(b"\n"):
+        try:
+            record = json.loads(blob.decode("utf-8"))
+        except ValueError:  # includes UnicodeDecodeError
+            continue
+        msgs = record.get("messages") if isinstance(record, dict) else None
+        if isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ):
+            records.append(record)
+    return records
+
+
+def nested_subsets(records: list[dict], sizes: list[int], key=None, seed: int = 0) -> dict[int, list[dict]]:
+    """Training sets for a learning curve: the first n records of one shuffled, label-balanced order.
+
+    Every larger set contains every smaller one, so the curve measures what *adding* examples buys
+    rather than which examples were drawn; labels take turns, so even 10 records cover 5 categories.
+    """
+    key = key or (lambda r: json.loads(r["messages"][-1]["content"])["category"])
+    if max(sizes) > len(records):
+        raise DataError(f"asked for {max(sizes)} records but there are only {len(records)}; use smaller sizes.")
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_label[key(r)].append(r)
+    rng = random.Random(seed)
+    for label in sorted(by_label):
+        rng.shuffle(by_label[label])
+    turns = zip_longest(*(by_label[label] for label in sorted(by_label)))
+    order = [r for turn in turns for r in turn if r is not None]
+    return {n: order[:n] for n in sizes}

@@ -7,8 +7,8 @@ import pytest
 from labkit import LabkitError
 from labkit.datagen import read_jsonl
 from labkit.dataprep import (
-    DataError, clean, compare_with_manifest, detect_format, find_test_leaks, load_jsonl, stratified_split,
-    to_instruction, to_messages, validate_lines,
+    DataError, careless_records, clean, compare_with_manifest, detect_format, find_test_leaks, load_jsonl,
+    nested_subsets, stratified_split, to_instruction, to_messages, validate_lines,
 )
 from labkit.paths import data_dir
 
@@ -109,3 +109,50 @@ def test_stratified_split_keeps_label_mix_and_shares_no_prompt(cleaned):
     assert not {prompt_key(r) for r in train} & {prompt_key(r) for r in test}
     cats = {json.loads(r["messages"][-1]["content"])["category"] for r in test}
     assert len(cats) == 5 and 0.07 < len(test) / len(kept) < 0.13
+
+
+def contradict(record, category="shipping"):
+    answer = {**json.loads(record["messages"][-1]["content"]), "category": category}
+    return {"messages": record["messages"][:-1] + [{"role": "assistant", "content": json.dumps(answer)}]}
+
+
+def test_careless_reader_keeps_duplicates_contradictions_and_broken_answers(tmp_path):
+    broken = {"messages": GOOD["messages"][:-1] + [{"role": "assistant", "content": '{"category": "bil'}]}
+    lines = [json.dumps(r) for r in (GOOD, GOOD, contradict(GOOD), broken)]
+    assert careless_records(write(tmp_path, lines)) == [GOOD, GOOD, contradict(GOOD), broken]
+
+
+def test_careless_reader_skips_only_lines_the_chat_template_cannot_render(tmp_path):
+    unrenderable = ['{"messages": [', '{"messages": "hi"}', '{"messages": []}',
+                    json.dumps({"messages": [{"role": "user", "content": 42}]}),
+                    json.dumps({"messages": [{"content": "no role"}]})]
+    assert careless_records(write(tmp_path, [*unrenderable, json.dumps(GOOD)])) == [GOOD]
+
+
+def test_careless_reader_keeps_470_of_the_476_raw_lines():
+    # only the truncated line, `messages` as a string, content 42, a missing role and two empty lists go
+    assert len(careless_records(data_dir() / "raw_tickets.jsonl")) == 470
+
+
+def labelled(category, i):
+    answer = {"category": category, "priority": "low", "sentiment": "neutral", "product": None, "order_id": None}
+    return {"messages": [{"role": "user", "content": f"ticket {i}"}, {"role": "assistant", "content": json.dumps(answer)}]}
+
+
+RECORDS = [labelled(c, i) for i in range(20) for c in ("billing", "billing", "billing", "account", "returns")]
+
+
+def test_nested_subsets_each_larger_set_contains_the_smaller_one():
+    subsets = nested_subsets(RECORDS, [5, 10, 40])
+    assert [len(s) for s in subsets.values()] == [5, 10, 40]
+    assert subsets[10][:5] == subsets[5] and subsets[40][:10] == subsets[10]
+
+
+def test_nested_subsets_let_every_label_take_turns():
+    category = lambda r: json.loads(r["messages"][-1]["content"])["category"]
+    assert sorted(map(category, nested_subsets(RECORDS, [6])[6])) == ["account", "account", "billing", "billing", "returns", "returns"]
+
+
+def test_nested_subsets_refuse_more_records_than_there_are():
+    with pytest.raises(DataError, match="only 100"):
+        nested_subsets(RECORDS, [10, 101])
