@@ -230,7 +230,10 @@ def find_test_leaks(rows: list[tuple[int, dict]], test: list[dict], n: int = 8, 
             index[g].add(t)
     problems = []
     for line, rec in rows:
-        s = shingles(next(m["content"] for m in rec["messages"] if m["role"] == "user"), n)
+        user = next((m["content"] for m in rec["messages"] if m.get("role") == "user"), None)
+        if user is None:  # no ticket, nothing to leak (e.g. an unknown role)
+            continue
+        s = shingles(user, n)
         hits = Counter(t for g in s for t in index.get(g, ()))
         best = max(hits, key=lambda t: jaccard(s, test_sets[t]), default=None)
         if best is not None and jaccard(s, test_sets[best]) >= threshold:

@@ -94,6 +94,12 @@ def test_decontamination_removes_every_planted_leak(cleaned):
     assert find_test_leaks(list(enumerate(kept, 1)), test) == []
 
 
+def test_leak_check_skips_a_record_without_a_user_turn(cleaned):
+    _, test = cleaned
+    no_user = {"messages": [{"role": "customer", "content": test[0]["messages"][1]["content"]}, test[0]["messages"][2]]}
+    assert [p.line for p in find_test_leaks([(1, no_user), (2, test[0])], test)] == [2]
+
+
 def test_clean_set_has_no_duplicate_prompts(cleaned):
     (kept, report), _ = cleaned
     from labkit.dataprep import prompt_key
