@@ -153,7 +153,8 @@ def test_ipo_and_hinge_losses_and_gradients_equal_trls(trl, ours_batch, loss_typ
     trainer, batch = trl
     theirs, _, their_grads = trl_step(trainer, batch, loss_type)
     ours, _, our_grads = our_step(trainer.model, ours_batch, loss_type)
-    assert abs(ours - theirs) < TOL, (loss_type, ours, theirs)
+    # IPO's loss is ~25 here ((margin - 1/(2 beta))^2 with beta = 0.1), where fp32 resolves ~3e-6: compare relatively
+    assert abs(ours - theirs) < TOL * max(1.0, abs(theirs)), (loss_type, ours, theirs)
     assert all((our_grads[n] - their_grads[n]).abs().max().item() < TOL for n in their_grads)
 
 
