@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from tqdm.auto import tqdm
 
-from labkit.sft import IGNORE, Objective, SFTConfig, SFTResult, add_lora, collate, labelled_logits, train_loop
+from labkit.sft import IGNORE, Objective, SFTConfig, SFTResult, collate, labelled_logits, train_loop
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -143,8 +143,9 @@ def dpo_loss(model: PeftModel, batch: dict[str, torch.Tensor], beta: float = 0.1
 class DPOConfig(SFTConfig):
     """An SFT run's settings plus DPO's: beta (how far from the reference the policy may go) and the loss."""
 
-    steps: int = 20
-    lr: float = 5e-4
+    steps: int = 10
+    lr: float = 2e-4
+    warmup_ratio: float = 0.1
     r: int = 8
     alpha: int = 16
     max_length: int = 256
@@ -159,11 +160,6 @@ def dpo_objective(beta: float = 0.1, loss_type: str = "sigmoid") -> Objective:
     return Objective(name="DPO", tokenize=tokenize_pair, collate=collate_pairs,
                      loss=partial(dpo_loss, beta=beta, loss_type=loss_type), units=count_pairs,
                      length=pair_length, loss_label=f"{loss_type} loss per pair")
-
-
-def policy_from_sft(sft_model: PeftModel, config: DPOConfig) -> PeftModel:
-    """The DPO policy: the SFT adapter merged into the base (the reference), plus a fresh LoRA adapter."""
-    return add_lora(sft_model.merge_and_unload(), config)
 
 
 def train_dpo(model, tokenizer, pairs: list[dict], validation: list[dict] | None = None,
