@@ -67,7 +67,9 @@ class LoRALinear(nn.Module):
 
     def weight_norm(self, weight: Tensor) -> Tensor:
         """Row norms ||W + (B @ A) * scaling|| (one per output), detached as in the DoRA paper."""
-        lora_weight = (self.lora_B @ self.lora_A).detach()
+        # B @ A computed as peft does, B(A(I))^T: another GEMM may round differently on another CPU.
+        eye = torch.eye(self.lora_A.shape[1], device=self.lora_A.device, dtype=self.lora_A.dtype)
+        lora_weight = F.linear(F.linear(eye, self.lora_A), self.lora_B).T.detach()
         return torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).detach()
 
     def forward(self, x: Tensor) -> Tensor:
