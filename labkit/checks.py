@@ -55,6 +55,30 @@ def check_lora_count(answer: int, config, r: int, targets: list[str]) -> None:
     _ok(f"{expected:,} trainable parameters: r * (d_in + d_out) summed over {len(targets)} matrices x {shape.layers} layers.")
 
 
+def check_nf4_indices(indices, x) -> None:
+    """Check the exercise 'quantize one block to NF4 by hand': the index (0-15) of each value's code."""
+    import torch
+
+    from labkit.quant import nf4_code
+
+    x = torch.as_tensor(x, dtype=torch.float32).reshape(-1)
+    code = nf4_code()
+    scaled = x / x.abs().max()
+    expected = (scaled[:, None] - code[None, :]).abs().argmin(dim=1)
+    got = torch.as_tensor(indices).reshape(-1).long()
+    if got.shape != expected.shape:
+        raise AssertionError(f"expected {expected.numel()} indices, one per value, got {got.numel()}.")
+    wrong = (got != expected).nonzero().reshape(-1).tolist()
+    if wrong:
+        i = wrong[0]
+        raise AssertionError(
+            f"{len(wrong)} of {len(expected)} indices are off, e.g. value {i}: x = {x[i]:.4f}, x / absmax = "
+            f"{scaled[i]:.4f}; the nearest NF4 value is code[{expected[i]}] = {code[expected[i]]:.4f}, "
+            f"you gave {got[i].item()}. Divide by the block's absmax, then pick the nearest code value."
+        )
+    _ok(f"all {len(expected)} indices match: x / absmax, then the nearest of the 16 NF4 values.")
+
+
 def check_dpo_pair(loss: float, margin: float, logps: dict[str, float], beta: float) -> None:
     """Check the exercise 'the DPO loss of one pair by hand': its reward margin and its sigmoid loss."""
     import math
