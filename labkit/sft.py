@@ -86,7 +86,7 @@ def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
     device = causal_lm.lm_head.weight.device
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = causal_lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
     return causal_lm.lm_head(hidden[:, :-1][keep]).float(), targets[keep], keep
