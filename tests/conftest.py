@@ -5,6 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +14,25 @@ def smollm2():
     from labkit.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer and chat template alone (no model weights), with a pad token."""
+    from transformers import AutoTokenizer
+
+    from labkit.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve())
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module single-threaded (`pytestmark = pytest.mark.usefixtures("one_thread")`): its tensors
+    are small, and on a busy 2-core machine two spinning OpenMP threads made such tests 10-30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,18 +28,6 @@ BETA = 0.1
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """SmolLM2's tokenizer and chat template (the tokenizer alone: no model weights are loaded)."""
-    from transformers import AutoTokenizer
-
-    from labkit.models import resolve
-
-    tok = AutoTokenizer.from_pretrained(resolve())
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
-
-
-@pytest.fixture(scope="module")
 def pairs():
     return read_jsonl(data_dir() / "preferences_train.jsonl")[:4]
 

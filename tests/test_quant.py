@@ -58,14 +58,7 @@ def bnb_cpu_kernel_is_row_aligned(shape: tuple[int, ...], blocksize: int) -> boo
 # ---------------------------------------------------------------- codes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module single-threaded: its tensors are small, and on a busy 2-core machine two
-    spinning OpenMP threads made the same tests 10-30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

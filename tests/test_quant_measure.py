@@ -14,13 +14,7 @@ from labkit import LabkitError  # noqa: E402
 from labkit import quant as Q  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster than two spinning ones on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian(shape=(256, 256), seed: int = 0) -> torch.Tensor:
@@ -39,15 +33,6 @@ def tiny_llama(vocab: int = 128, hidden: int = 64, intermediate: int = 128, laye
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from labkit.models import resolve
-
-    tok = AutoTokenizer.from_pretrained(resolve())
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
 
 
 @pytest.fixture(scope="module")
