@@ -1,4 +1,4 @@
-"""Where the course's files are: the data folder and the run outputs."""
+"""Where the course's files are: the data folder and labkit's cache."""
 
 from __future__ import annotations
 
@@ -21,3 +21,8 @@ def data_dir() -> Path:
         "cannot find the course data (train.jsonl). Run the notebook from the repository's notebooks/ "
         "folder, or set LABKIT_DATA=/path/to/labkit/data."
     )
+
+
+def cache_root() -> Path:
+    """Where labkit keeps converted models and trained adapters ($LABKIT_HOME)."""
+    return Path(os.environ.get("LABKIT_HOME", Path.home() / ".cache" / "labkit"))

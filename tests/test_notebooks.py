@@ -1,0 +1,41 @@
+"""What every notebook shares: the Colab cell, and one budget source (the runtime profile)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from labkit.colab import COLAB_CELL, colab_cell_source
+from labkit.runtime import PROFILES
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def code_of(path: Path) -> str:
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 7
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_first_code_cell_is_the_colab_cell(path):
+    assert colab_cell_source(path) == COLAB_CELL, f"run `python -m labkit.colab` to rewrite {path.name}'s first cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_notebook_defines_its_own_budget(path):
+    assert "BUDGET" not in code_of(path), f"{path.name}: read step counts and sizes from rt.settings"
+
+
+def test_both_profiles_have_the_same_keys():
+    assert set(PROFILES["cpu"]) == set(PROFILES["gpu"])
+
+
+@pytest.mark.parametrize("key", sorted(set(PROFILES["cpu"]) - {"model"}))
+def test_every_profile_key_is_read_by_a_notebook(key):
+    readers = [p.name for p in NOTEBOOKS if re.search(rf"""budget\[["']{key}["']\]""", code_of(p))]
+    assert readers, f"PROFILES[...][{key!r}] is read by no notebook: use it or remove it"
