@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
+
+from labkit.memory import linear_dims, lora_trainable_params, shape_from_config
+from labkit.quant import nf4_code
+
 
 def _ok(message: str) -> None:
     print(f"Correct: {message}")
@@ -39,28 +46,22 @@ def check_early_stop(stop_step: int | None, evals: list[dict], patience: int) ->
     _ok(f"with patience={patience} training stops at step {expected}, after its best at a lower step.")
 
 
-def check_lora_count(answer: int, config, r: int, targets: list[str]) -> None:
+def check_lora_count(answer: int, config, r: int, target_modules: list[str]) -> None:
     """Check the exercise 'count the trainable parameters of a LoRA adapter from the model config'."""
-    from labkit.memory import linear_dims, lora_trainable_params, shape_from_config
-
     shape = shape_from_config(config)
-    expected = lora_trainable_params(shape, r, targets)
+    expected = lora_trainable_params(shape, r, target_modules)
     if answer != expected:
         dims = linear_dims(shape)
-        hint = ", ".join(f"{t}: {dims[t][0]} -> {dims[t][1]}" for t in targets)
+        hint = ", ".join(f"{t}: {dims[t][0]} -> {dims[t][1]}" for t in target_modules)
         raise AssertionError(
             f"got {answer:,}, expected {expected:,}. Each adapted matrix costs r * (d_in + d_out); "
             f"per layer the sizes are {hint}; multiply by the {shape.layers} layers."
         )
-    _ok(f"{expected:,} trainable parameters: r * (d_in + d_out) summed over {len(targets)} matrices x {shape.layers} layers.")
+    _ok(f"{expected:,} trainable parameters: r * (d_in + d_out) summed over {len(target_modules)} matrices x {shape.layers} layers.")
 
 
 def check_nf4_indices(indices, x) -> None:
     """Check the exercise 'quantize one block to NF4 by hand': the index (0-15) of each value's code."""
-    import torch
-
-    from labkit.quant import nf4_code
-
     x = torch.as_tensor(x, dtype=torch.float32).reshape(-1)
     code = nf4_code()
     scaled = x / x.abs().max()
@@ -81,8 +82,6 @@ def check_nf4_indices(indices, x) -> None:
 
 def check_dpo_pair(loss: float, margin: float, logps: dict[str, float], beta: float) -> None:
     """Check the exercise 'the DPO loss of one pair by hand': its reward margin and its sigmoid loss."""
-    import math
-
     chosen = logps["policy_chosen"] - logps["ref_chosen"]
     rejected = logps["policy_rejected"] - logps["ref_rejected"]
     expected_margin = beta * (chosen - rejected)

@@ -1,4 +1,4 @@
-"""LoRA (and DoRA, rsLoRA) from scratch, laid out like peft's LoRA layer so weights copy across.
+"""LoRA (and DoRA, rsLoRA) from scratch, laid out like peft's LoRA layer so weights copy across (notebook 03).
 
 A frozen linear layer W gets a trainable low-rank update: y = W x + (B A x) * scaling, with
 A (r x in) and B (out x r). B starts at zero, so the adapted model equals the base at step 0.
@@ -8,10 +8,9 @@ Names follow peft: `<module>.base_layer.weight`, `<module>.lora_A`, `<module>.lo
 
 from __future__ import annotations
 
+import copy
 import math
 import re
-import time
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -31,8 +30,8 @@ class LoRALinear(nn.Module):
         self,
         base_layer: nn.Linear | NF4Linear,
         r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
         use_rslora: bool = False,
         use_dora: bool = False,
     ) -> None:
@@ -41,9 +40,9 @@ class LoRALinear(nn.Module):
             raise LabkitError(f"LoRA rank r must be a positive integer, got {r}")
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, use_dora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         weight = self.base_weight()
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
@@ -136,7 +135,7 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.use_rslora}, "
+            f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, rslora={self.use_rslora}, "
             f"dora={self.use_dora}, merged={self.merged}"
         )
 
@@ -166,9 +165,9 @@ def _matches(name: str, targets: Iterable[str]) -> bool:
 def inject_lora(
     model: nn.Module,
     r: int = 8,
-    alpha: float = 16,
+    lora_alpha: float = 16,
     target_modules: Sequence[str] | str = ("q_proj", "v_proj"),
-    dropout: float = 0.0,
+    lora_dropout: float = 0.0,
     use_rslora: bool = False,
     use_dora: bool = False,
 ) -> nn.Module:
@@ -195,7 +194,7 @@ def inject_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        setattr(parent, child, LoRALinear(base, r, alpha, dropout, use_rslora, use_dora))
+        setattr(parent, child, LoRALinear(base, r, lora_alpha, lora_dropout, use_rslora, use_dora))
     return model
 
 
@@ -275,280 +274,6 @@ def to_peft_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-# ================================================================ notebook 03: counting, ranks, training
-
-
-def lora_parameter_count(d_in: int, d_out: int, r: int) -> int:
-    """Parameters of one LoRA adapter on a d_in -> d_out layer: A is r x d_in, B is d_out x r."""
-    return r * (d_in + d_out)
-
-
-def adapter_megabytes(trainable: int, bytes_per_param: int = 4) -> float:
-    """Size of an adapter file in MB (1e6 bytes): fp32 by default, 2 bytes for a bf16/fp16 save."""
-    return trainable * bytes_per_param / 1e6
-
-
-def energy_in_top(singular_values: Tensor, r: int) -> float:
-    """Share of a matrix's squared Frobenius norm held by its top-r singular values."""
-    s2 = singular_values.double() ** 2
-    return float(s2[:r].sum() / s2.sum())
-
-
-def low_rank_approximation(matrix: Tensor, r: int) -> Tensor:
-    """The best rank-r approximation of `matrix` (Eckart-Young: keep the top r singular triplets)."""
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return ((u[:, :r] * s[:r]) @ vh[:r]).to(matrix.dtype)
-
-
-def rank_report(matrix: Tensor, r: int, singular_values: Tensor | None = None) -> dict:
-    """What a rank-r factorisation B @ A of `matrix` keeps and costs.
-
-    relative_error = ||M - M_r||_F / ||M||_F = sqrt(1 - energy), from the singular values alone.
-    """
-    s = torch.linalg.svdvals(matrix.double()) if singular_values is None else singular_values
-    d_out, d_in = matrix.shape
-    r = max(1, min(int(r), len(s)))
-    energy = energy_in_top(s, r)
-    return {
-        "r": r,
-        "energy": energy,
-        "relative_error": math.sqrt(max(0.0, 1.0 - energy)),
-        "lora_params": lora_parameter_count(d_in, d_out, r),
-        "full_params": d_in * d_out,
-        "param_share": lora_parameter_count(d_in, d_out, r) / (d_in * d_out),
-    }
-
-
-def rank_for_energy(singular_values: Tensor, energy: float) -> int:
-    """The smallest r whose top-r singular values hold at least `energy` of the squared norm."""
-    s2 = singular_values.double() ** 2
-    cumulative = torch.cumsum(s2, 0) / s2.sum()
-    index = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64)).item())
-    return min(index + 1, len(s2))  # energy 1.0 may sit a rounding error above the last cumulative sum
-
-
-def inject_lora_layers(model: nn.Module, layers: Iterable[int], targets: Sequence[str] | str = "all-linear",
-                       **lora_kwargs) -> nn.Module:
-    """inject_lora restricted to some decoder layers (peft's `layers_to_transform`)."""
-    names = LINEAR_NAMES if targets == "all-linear" else tuple(targets)
-    wanted = {int(i) for i in layers}
-    full_names = [
-        name for name, module in model.named_modules()
-        if _is_linear(module) and name.split(".")[-1] in names and _layer_index(name) in wanted
-    ]  # fmt: skip
-    return inject_lora(model, target_modules=full_names, **lora_kwargs)
-
-
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _layer_index(name: str) -> int | None:
-    """The decoder layer a module name belongs to ('model.layers.12.mlp.up_proj' -> 12)."""
-    match = re.search(r"\.layers\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
-
-
-# ---------------------------------------------------------------- a small training loop
-
-
-@dataclass
-class TaskBatches:
-    """Fixed training or validation batches; with start_layer > 0, also the (frozen) input of that layer.
-
-    When every layer below `start_layer` is frozen and has no adapter, its output never changes, so
-    it is computed once here and training runs only the layers from `start_layer` up.
-    """
-
-    batches: list[dict]
-    start_layer: int = 0
-    hidden: list[Tensor] | None = None
-    grad_accum: int = 1  # micro-batches per optimizer step (a short batch may split into fewer)
-    micro_counts: list[int] | None = None  # micro-batches of each step; None: grad_accum each
-
-    def step_ranges(self) -> list[range]:
-        """For each optimizer step, the indices of its (micro-)batches."""
-        counts = self.micro_counts or [self.grad_accum] * (len(self.batches) // self.grad_accum)
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        return [range(start, start + n) for start, n in zip(starts, counts)]
-
-    @property
-    def steps(self) -> int:
-        return len(self.micro_counts) if self.micro_counts else len(self.batches) // self.grad_accum
-
-    @property
-    def tokens(self) -> int:
-        return sum(int(b["attention_mask"].sum()) for b in self.batches)
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    """The LlamaModel inside a causal LM (also through a peft wrapper)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model
-
-
-class _StopForward(Exception):
-    pass
-
-
-@torch.no_grad()
-def hidden_at_layer(model: nn.Module, batch: dict, layer: int) -> Tensor:
-    """The hidden states that enter decoder layer `layer` for a batch (the forward stops there)."""
-    decoder = _decoder(model)
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["h"] = args[0] if args else kwargs["hidden_states"]
-        raise _StopForward
-
-    handle = decoder.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    return captured["h"].detach()
-
-
-def make_task_batches(model: nn.Module, tokenizer, examples: list[dict], batch_size: int, n_batches: int | None = None,
-                      start_layer: int = 0, seed: int = 0, shuffle: bool = True,
-                      micro_batch: int | None = None) -> TaskBatches:
-    """Tokenize chat examples (assistant-only labels) into batches on the model's device.
-
-    shuffle=True: `n_batches` length-grouped random batches (labkit.sft's sampler), for training;
-    shuffle=False: every example once, sorted by length, for evaluation. `micro_batch` splits each
-    batch into micro-batches whose gradients are accumulated; start_layer > 0 caches that layer's input.
-    """
-    from labkit.sft import collate, length_grouped_batches, tokenize_chat
-
-    rows = [tokenize_chat(tokenizer, ex["messages"]) for ex in examples]
-    if shuffle:
-        n = n_batches or math.ceil(len(rows) / batch_size)
-        groups = length_grouped_batches([len(r["input_ids"]) for r in rows], batch_size, n, seed)
-    else:
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-        groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][:n_batches]
-    accum, counts = 1, None
-    if micro_batch and micro_batch < batch_size:
-        if batch_size % micro_batch:
-            raise LabkitError(f"batch_size {batch_size} is not a multiple of micro_batch {micro_batch}")
-        accum = batch_size // micro_batch
-        split = [[g[i : i + micro_batch] for i in range(0, len(g), micro_batch)] for g in groups]
-        counts = [len(parts) for parts in split]  # a short batch gives fewer micro-batches, never empty ones
-        groups = [part for parts in split for part in parts]
-    device = next(model.parameters()).device
-    batches = [{k: v.to(device) for k, v in collate([rows[i] for i in g], tokenizer.pad_token_id).items()}
-               for g in groups]
-    hidden = [hidden_at_layer(model, b, start_layer) for b in batches] if start_layer > 0 else None
-    return TaskBatches(batches, start_layer, hidden, accum, counts)
-
-
-def task_loss(model: nn.Module, data: TaskBatches, i: int) -> tuple[Tensor, int]:
-    """Summed assistant-token cross-entropy of batch i and its token count (from the cached layer if any)."""
-    from labkit.sft import IGNORE, assistant_loss
-
-    batch = data.batches[i]
-    if data.start_layer == 0:
-        return assistant_loss(model, batch)
-    decoder = _decoder(model)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = decoder.layers
-    decoder.layers = layers[data.start_layer :]  # run only the top layers, on the cached input
-    try:
-        hidden = decoder(inputs_embeds=data.hidden[i], attention_mask=batch["attention_mask"],
-                         use_cache=False).last_hidden_state
-    finally:
-        decoder.layers = layers
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    logits = inner.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
-
-
-@torch.no_grad()
-def task_eval_loss(model: nn.Module, data: TaskBatches) -> float:
-    """Mean loss per assistant token over all batches (eval mode)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(len(data.batches)):
-        loss, n = task_loss(model, data, i)
-        total, count = total + loss.item(), count + n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def train_task(model: nn.Module, data: TaskBatches, lr: float = 1e-3, warmup_ratio: float = 0.1,
-               max_grad_norm: float = 1.0, weight_decay: float = 0.0, params: list[Tensor] | None = None,
-               optimizer: str = "adamw", seed: int = 0, progress: bool = False) -> list[dict]:
-    """One optimizer step per batch (or group of micro-batches) of `data`; returns the loss history.
-
-    Linear warmup then cosine decay (labkit.sft.lr_at); gradient clipping at max_grad_norm.
-    """
-    from labkit.sft import SFTConfig, lr_at
-
-    torch.manual_seed(seed)
-    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise LabkitError("Nothing to train: no parameter requires a gradient (inject an adapter first).")
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr)
-    else:
-        raise LabkitError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    schedule = SFTConfig(steps=data.steps, lr=lr, warmup_ratio=warmup_ratio)
-    history = []
-    model.train()
-    started = time.perf_counter()
-    for step, micro in enumerate(data.step_ranges()):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, schedule)
-        n_labels = sum(int((data.batches[i]["labels"][:, 1:] != -100).sum()) for i in micro)
-        step_loss = 0.0
-        for i in micro:  # the step's loss is the mean over all its labelled tokens
-            loss, _ = task_loss(model, data, i)
-            (loss / n_labels).backward()
-            step_loss += loss.item() / n_labels
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": step_loss, "seconds": time.perf_counter() - started})
-        if progress:
-            print(f"step {step + 1:>3}: loss {history[-1]['loss']:.3f}")
-    model.eval()
-    return history
-
-
-def full_finetune_update(model: nn.Module, module_name: str, data: TaskBatches, lr: float = 1e-4,
-                         optimizer: str = "adamw", seed: int = 0) -> Tensor:
-    """Fully fine-tune ONE weight matrix (everything else frozen) and return its update W_after - W_before.
-
-    The model is left exactly as it was: the weight is restored and requires_grad reset.
-    """
-    layer = _layer_index(module_name)
-    if layer is not None and data.start_layer > layer:
-        raise LabkitError(f"{module_name} is below the cached layer {data.start_layer}: cache a lower layer.")
-    weight = model.get_submodule(module_name).weight
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    for p in model.parameters():
-        p.requires_grad = False
-    before = weight.detach().clone()
-    weight.requires_grad = True
-    try:
-        train_task(model, data, lr=lr, params=[weight], optimizer=optimizer, seed=seed, max_grad_norm=0.0)
-        delta = weight.detach() - before
-    finally:
-        with torch.no_grad():
-            weight.copy_(before)
-        for name, p in model.named_parameters():
-            p.requires_grad = flags[name]
-        model.train(was_training)
-    return delta
-
-
 # ---------------------------------------------------------------- copies and random adapters (parity demos)
 
 
@@ -560,8 +285,6 @@ def shared_copy(model: nn.Module, own: tuple[str, ...] = ()) -> nn.Module:
     values would show in `model` too. Parameters whose names end with one of `own` are copied, so
     that merging into them, or quantizing them, leaves `model` untouched. Tied weights stay tied.
     """
-    import copy
-
     memo = {
         id(p): nn.Parameter(p.data, requires_grad=p.requires_grad)
         for name, p in model.named_parameters()
@@ -584,30 +307,3 @@ def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.02) -> nn
         elif "lora_magnitude_vector" in name:
             param.mul_(1 + 0.1 * torch.randn(param.shape, generator=g))
     return model
-
-
-def compare_configs(model: nn.Module, train_data: TaskBatches, val_data: TaskBatches, configs: dict[str, dict],
-                    seed: int = 0) -> list[dict]:
-    """Train one fresh adapter per config on the same batches and report its validation loss.
-
-    Each config holds inject_lora options (r, alpha, targets, use_rslora, use_dora, dropout) and
-    optionally `lr`. Adapters go on the layers from train_data.start_layer up (all layers when it
-    is 0), each on its own shared_copy of `model`, which is left untouched.
-    """
-    layers = range(train_data.start_layer, len(_decoder(model).layers))
-    rows = []
-    for label, config in configs.items():
-        options = dict(config)
-        lr, targets = options.pop("lr", 1e-3), options.pop("targets", "all-linear")
-        torch.manual_seed(seed)
-        adapted = inject_lora_layers(shared_copy(model), layers, targets, **options)
-        history = train_task(adapted, train_data, lr=lr, seed=seed)
-        rows.append({
-            "config": label,
-            "trainable": count_parameters(adapted)[0],
-            "lr": lr,
-            "final train loss": history[-1]["loss"],
-            "val loss": task_eval_loss(adapted, val_data),
-            "seconds": history[-1]["seconds"],
-        })  # fmt: skip
-    return rows

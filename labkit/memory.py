@@ -1,4 +1,4 @@
-"""Estimate the GPU memory of a fine-tuning run: weights, gradients, optimizer state, activations, logits.
+"""Estimate the GPU memory of a fine-tuning run: weights, gradients, optimizer state, activations, logits (notebook 04).
 
 The rules are the course's "Memory formulas" (shared/reference/facts.md):
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from labkit import LabkitError
+from labkit.models import LINEAR_NAMES
 
 GB = 1e9
 MB = 1e6
@@ -35,8 +36,6 @@ ABSMAX_BYTES = 4 / 64  # one fp32 absmax per block of 64
 ABSMAX_BYTES_DOUBLE_QUANT = 1 / 64 + 4 / (64 * 256)  # 8-bit absmax + one fp32 per 256 of them
 LOGITS_BYTES = 4
 LOGITS_COPIES = 2  # the logits and their gradient
-
-LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -135,27 +134,27 @@ def resolve_shape(model: ModelShape | str | float | Any) -> ModelShape:
     return shape_from_config(model)
 
 
-def lora_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
+def lora_targets(target_modules: str | Iterable[str]) -> tuple[str, ...]:
     """The LoRA target module names: "all-linear" or a list of Llama projection names."""
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return LINEAR_TARGETS  # PEFT's all-linear: every Linear except the output head
-        targets = [targets]
-    names = tuple(targets)
-    unknown = [t for t in names if t not in LINEAR_TARGETS]
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return LINEAR_NAMES  # PEFT's all-linear: every Linear except the output head
+        target_modules = [target_modules]
+    names = tuple(target_modules)
+    unknown = [t for t in names if t not in LINEAR_NAMES]
     if unknown or not names:
         raise LabkitError(f"Unknown LoRA target modules {unknown or names!r}. "
-                          f'Use "all-linear" or a list drawn from {list(LINEAR_TARGETS)}.')
+                          f'Use "all-linear" or a list drawn from {list(LINEAR_NAMES)}.')
     return names
 
 
-def lora_trainable_params(shape: ModelShape | str, r: int, targets: str | Iterable[str] = "all-linear") -> int:
+def lora_trainable_params(shape: ModelShape | str, r: int, target_modules: str | Iterable[str] = "all-linear") -> int:
     """Trainable LoRA parameters: r * (in + out) per adapted linear layer, over all layers."""
     shape = resolve_shape(shape)
     if not isinstance(r, int) or r < 1:
         raise LabkitError(f"LoRA rank r must be a positive integer (8-64 is typical), got {r!r}.")
     dims = linear_dims(shape)
-    return shape.layers * sum(r * sum(dims[name]) for name in lora_targets(targets))
+    return shape.layers * sum(r * sum(dims[name]) for name in lora_targets(target_modules))
 
 
 @dataclass(frozen=True)
@@ -247,8 +246,8 @@ def estimate_memory(
     batch: int = 1,
     seq_len: int = 512,
     dtype: str = "bf16",
-    lora_r: int = 16,
-    targets: str | Iterable[str] = "all-linear",
+    r: int = 16,
+    target_modules: str | Iterable[str] = "all-linear",
     optimizer: str = "adamw",
     gradient_checkpointing: bool = False,
     logits_fraction: float = 1.0,
@@ -269,7 +268,7 @@ def estimate_memory(
     _check_positive_int("seq_len", seq_len)
     if not 0 < logits_fraction <= 1:
         raise LabkitError(f"logits_fraction is a share of positions in (0, 1], got {logits_fraction}.")
-    trainable = shape.n_params if method == "full" else lora_trainable_params(shape, lora_r, targets)
+    trainable = shape.n_params if method == "full" else lora_trainable_params(shape, r, target_modules)
     return MemoryBreakdown(
         weights=round(weight_bytes(shape, method, dtype, trainable, double_quant)),
         gradients=trainable * MASTER_BYTES,
@@ -279,192 +278,3 @@ def estimate_memory(
         label=f"{method} {dtype} {optimizer}, batch {batch} x {seq_len}"
               + (", checkpointing" if gradient_checkpointing else ""),
     )
-
-
-# ================================================================ measuring peak memory
-
-
-def current_rss() -> int:
-    """Resident memory of this process in bytes (Linux /proc, else psutil, else the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-_MALLINFO2: dict = {}
-
-
-def _mallinfo2():
-    """glibc's mallinfo2 function, or None (another C library, or glibc older than 2.33)."""
-    if "fn" not in _MALLINFO2:
-        import ctypes
-        import ctypes.util
-
-        class Mallinfo2(ctypes.Structure):  # struct mallinfo2: every field a size_t
-            _fields_ = [(name, ctypes.c_size_t) for name in (
-                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                "keepcost")]
-
-        try:
-            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-            fn.restype = Mallinfo2
-        except (OSError, AttributeError):
-            fn = None
-        _MALLINFO2["fn"] = fn
-    return _MALLINFO2["fn"]
-
-
-def allocated_bytes() -> int | None:
-    """Bytes that C's malloc has handed out and not yet had back (glibc only, else None).
-
-    Tensors on the CPU live in malloc'd memory, so this is the CPU's counterpart of
-    torch.cuda.memory_allocated(): live allocations only, not the freed memory that the allocator
-    keeps for reuse, nor memory-mapped files, nor the libraries' code.
-    """
-    fn = _mallinfo2()
-    if fn is None:
-        return None
-    info = fn()
-    return info.uordblks + info.hblkhd  # in use from the heap arenas + blocks given their own mmap
-
-
-def memory_in_use(device: str = "cpu") -> int:
-    """Bytes in use now: CUDA allocator statistics on a GPU; malloc's live bytes on a CPU (resident
-    memory where malloc cannot tell)."""
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.memory_allocated()
-    live = allocated_bytes()
-    return current_rss() if live is None else live
-
-
-class PeakMemory:
-    """Peak memory of a block of code, above what was in use when it started.
-
-    On CUDA it reads torch's allocator statistics (torch.cuda.max_memory_allocated). On CPU a
-    background thread samples `memory_in_use` every `interval` seconds; torch releases the GIL
-    inside its kernels, so the sampler keeps running during a forward or backward.
-
-        with PeakMemory() as mem:
-            train()
-        mem.peak        # bytes above the baseline at the highest point
-        mem.highest     # bytes in use at the highest point
-    """
-
-    def __init__(self, device: str = "cpu", interval: float = 0.002) -> None:
-        self.device, self.interval = device, interval
-        self.baseline = self.highest = 0
-        self._thread = None
-        self._stop = None
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = self.highest = torch.cuda.memory_allocated()
-            return self
-        import threading
-
-        self.baseline = self.highest = memory_in_use(self.device)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.highest = max(self.highest, memory_in_use(self.device))
-            self._stop.wait(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-            self.highest = torch.cuda.max_memory_allocated()
-            return
-        self._stop.set()
-        self._thread.join()
-        self.highest = max(self.highest, memory_in_use(self.device))
-
-    @property
-    def peak(self) -> int:
-        """Bytes above the baseline at the highest point."""
-        return self.highest - self.baseline
-
-
-_CHILD = """
-import pickle, sys, traceback
-with open(sys.argv[1], "rb") as f:
-    sys.path[:] = pickle.load(f)
-    try:
-        fn, args, kwargs = pickle.load(f)
-        outcome = ("ok", fn(*args, **kwargs))
-    except BaseException as err:
-        outcome = ("error", repr(err), traceback.format_exc(), err)
-with open(sys.argv[2], "wb") as f:
-    try:
-        pickle.dump(outcome, f)
-    except Exception:
-        pickle.dump(outcome[:3] + (None,) if outcome[0] == "error" else ("error", "unpicklable result", "", None), f)
-"""
-
-
-class IsolatedRunError(LabkitError):
-    """The process of run_isolated died, or raised something that cannot travel back."""
-
-
-def run_isolated(fn, *args, env: dict[str, str] | None = None, **kwargs):
-    """Run fn(*args, **kwargs) in a fresh Python process and return its result.
-
-    A fresh process starts with nothing allocated, so its peak memory belongs to this run alone.
-    `fn` must be importable (a function defined in a module, not in a notebook cell or script);
-    arguments and result travel by pickle. `env` adds environment variables for the child only.
-    An exception in the child is raised again here, with the child's traceback as a note.
-    """
-    import os
-    import pickle
-    import subprocess
-    import sys
-    import tempfile
-
-    if getattr(fn, "__module__", None) == "__main__":
-        raise LabkitError(f"run_isolated needs an importable function; {fn.__name__} is defined in __main__ "
-                          "(a notebook cell or script). Move it into a module.")
-    with tempfile.TemporaryDirectory(prefix="labkit-isolated-") as folder:
-        request, answer = os.path.join(folder, "request.pkl"), os.path.join(folder, "answer.pkl")
-        with open(request, "wb") as f:
-            pickle.dump(list(sys.path), f)
-            pickle.dump((fn, args, kwargs), f)
-        proc = subprocess.run([sys.executable, "-c", _CHILD, request, answer], env={**os.environ, **(env or {})},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-        if not os.path.exists(answer):
-            raise IsolatedRunError(f"the child process exited with code {proc.returncode} before returning "
-                                   f"(killed for memory?); its last output:\n{proc.stdout[-3000:]}")
-        with open(answer, "rb") as f:
-            outcome = pickle.load(f)
-    if outcome[0] == "ok":
-        return outcome[1]
-    _, text, trace, err = outcome
-    if isinstance(err, BaseException) and hasattr(err, "add_note"):  # Python >= 3.11
-        err.add_note(f"(raised in the child process of run_isolated)\n{trace}")
-        raise err
-    raise IsolatedRunError(f"{getattr(fn, '__name__', fn)} failed in the child process: {text}\n{trace}") from (
-        err if isinstance(err, BaseException) else None)

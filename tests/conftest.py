@@ -28,6 +28,25 @@ def tokenizer():
     return tok
 
 
+TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """The factory of small random Llamas: `tiny_llama(seed=0, **overrides)`, overrides being LlamaConfig fields.
+
+    By default 2 layers, hidden 64, vocabulary 128: the same code paths as SmolLM2 at a fraction of the cost.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(seed: int = 0, **overrides) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module single-threaded (`pytestmark = pytest.mark.usefixtures("one_thread")`): its tensors

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from labkit.datagen import read_jsonl
+from labkit.data import read_jsonl
 from labkit.dpo import (
     METRICS,
     DPOConfig,
@@ -32,15 +32,11 @@ def pairs():
     return read_jsonl(data_dir() / "preferences_train.jsonl")[:4]
 
 
-def tiny_llama(tokenizer, seed: int = 0):
-    """A randomly initialised 2-layer Llama with SmolLM2's vocabulary: same code paths, a fraction of the cost."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config)
+@pytest.fixture(scope="module")
+def vocab_llama(tiny_llama, tokenizer):
+    """conftest's tiny Llama factory sized for SmolLM2's vocabulary: `vocab_llama(seed=0)`."""
+    return lambda seed=0: tiny_llama(seed, vocab_size=len(tokenizer), max_position_embeddings=512,
+                                     tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
 
 
 def perturb_adapter(model, std: float = 0.05) -> None:
@@ -52,7 +48,7 @@ def perturb_adapter(model, std: float = 0.05) -> None:
 
 
 @pytest.fixture(scope="module")
-def trl(tokenizer, pairs):
+def trl(vocab_llama, tokenizer, pairs):
     """TRL's DPOTrainer on a tiny Llama with a LoRA adapter (reference = adapter disabled), and its collated batch."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -62,7 +58,7 @@ def trl(tokenizer, pairs):
     args = TRLDPOConfig(output_dir="/tmp/labkit-trl-dpo", report_to="none", bf16=False, use_cpu=True,
                         gradient_checkpointing=False, beta=BETA, max_length=512)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=data, processing_class=tokenizer,
+    trainer = DPOTrainer(model=vocab_llama(), args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=lora)
     perturb_adapter(trainer.model)
     trainer.model.train()
@@ -149,16 +145,16 @@ def test_ipo_and_hinge_losses_and_gradients_equal_trls(trl, ours_batch, loss_typ
 # ---------------------------------------------------------------- the loss itself
 
 
-def test_loss_is_ln2_at_step_0_with_a_fresh_adapter(tokenizer, ours_batch):
-    model = add_lora(tiny_llama(tokenizer), DPOConfig(r=4, alpha=8))  # B = 0: the policy is the reference
+def test_loss_is_ln2_at_step_0_with_a_fresh_adapter(vocab_llama, tokenizer, ours_batch):
+    model = add_lora(vocab_llama(), DPOConfig(r=4, lora_alpha=8))  # B = 0: the policy is the reference
     loss, sums = dpo_loss(model, ours_batch, beta=BETA)
     n = ours_batch["input_ids"].shape[0] // 2
     assert abs(loss.item() / n - math.log(2)) < 1e-6
     assert sums["rewards/margins"] == 0.0 and sums["rewards/accuracies"] == 0.0  # a tie is not counted as a win
 
 
-def test_sequence_logp_is_the_sum_over_reply_tokens_only(tokenizer, ours_batch):
-    model = tiny_llama(tokenizer)
+def test_sequence_logp_is_the_sum_over_reply_tokens_only(vocab_llama, tokenizer, ours_batch):
+    model = vocab_llama()
     with torch.no_grad():
         ours = sequence_logps(model, ours_batch)
         full = torch.log_softmax(model(input_ids=ours_batch["input_ids"],
@@ -169,12 +165,12 @@ def test_sequence_logp_is_the_sum_over_reply_tokens_only(tokenizer, ours_batch):
     assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-6)
 
 
-def test_reference_is_the_same_model_with_the_adapter_disabled(tokenizer, ours_batch):
-    base = tiny_llama(tokenizer)
+def test_reference_is_the_same_model_with_the_adapter_disabled(vocab_llama, tokenizer, ours_batch):
+    base = vocab_llama()
     with torch.no_grad():
         before = sequence_logps(base, ours_batch)
     n_params = sum(p.numel() for p in base.parameters())
-    model = add_lora(base, DPOConfig(r=4, alpha=8))
+    model = add_lora(base, DPOConfig(r=4, lora_alpha=8))
     perturb_adapter(model)
     with torch.no_grad():
         assert not torch.allclose(sequence_logps(model, ours_batch), before)
@@ -201,9 +197,9 @@ def test_ipo_pushes_the_per_token_margin_towards_one_over_two_beta():
 # ---------------------------------------------------------------- training and measuring
 
 
-def test_dpo_training_with_the_sft_loop_raises_the_reward_margin(tokenizer, pairs):
-    model = tiny_llama(tokenizer)
-    config = DPOConfig(steps=6, batch_size=2, lr=5e-3, r=4, alpha=8, warmup_ratio=0.0)
+def test_dpo_training_with_the_sft_loop_raises_the_reward_margin(vocab_llama, tokenizer, pairs):
+    model = vocab_llama()
+    config = DPOConfig(steps=6, batch_size=2, lr=5e-3, r=4, lora_alpha=8, warmup_ratio=0.0)
     result = train_dpo(model, tokenizer, pairs, config=config, plot=False, progress=False)
     history = result.history
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -211,8 +207,8 @@ def test_dpo_training_with_the_sft_loop_raises_the_reward_margin(tokenizer, pair
     assert history[-1]["rewards/margins"] > 0 and history[-1]["loss"] < math.log(2)
 
 
-def test_preference_accuracy_is_one_half_when_policy_equals_reference(tokenizer, pairs):
-    model = add_lora(tiny_llama(tokenizer), DPOConfig(r=4, alpha=8))
+def test_preference_accuracy_is_one_half_when_policy_equals_reference(vocab_llama, tokenizer, pairs):
+    model = add_lora(vocab_llama(), DPOConfig(r=4, lora_alpha=8))
     policy = pair_logps(model, tokenizer, pairs, batch_size=2)
     reference = pair_logps(model, tokenizer, pairs, batch_size=2, reference=True)
     assert preference_accuracy(policy, reference) == 0.5

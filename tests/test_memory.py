@@ -85,7 +85,7 @@ def test_full_fine_tuning_fp32_costs_16_bytes_per_parameter():
 
 def test_lora_keeps_the_base_at_its_dtype_plus_16_bytes_per_trainable_parameter():
     trainable = lora_trainable_params("8B", 16)
-    m = estimate_memory("8B", "lora", dtype="bf16", lora_r=16)
+    m = estimate_memory("8B", "lora", dtype="bf16", r=16)
     assert m.weights + m.gradients + m.optimizer == 2 * PRESETS["8B"].n_params + 16 * trainable
 
 

@@ -1,4 +1,4 @@
-"""labkit.memory, measuring side: bytes in use, PeakMemory and run_isolated (notebook 04)."""
+"""labkit.measure: bytes in use, PeakMemory and run_isolated (notebook 04)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from labkit import LabkitError
-from labkit.memory import (
+from labkit.measure import (
     IsolatedRunError,
     PeakMemory,
     allocated_bytes,
