@@ -12,31 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from labkit import LabkitError
+from labkit.data import DataError, Problem, problems_message, read_bytes, read_lines
 from labkit.tickets import FIELDS, is_valid, normalise
 
 ROLES = {"system", "user", "assistant"}
 FORMATS = ("messages", "instruction", "completion", "preference")
-
-
-class DataError(LabkitError):
-    """A data file has problems; the message lists one per line."""
-
-
-@dataclass
-class Problem:
-    """One problem in a data file: where it is, what is wrong and how to fix it."""
-
-    line: int
-    kind: str  # empty, malformed, exact_duplicate, near_duplicate_surface, near_duplicate_word, contradiction, test_leak
-    field: str
-    message: str
-    fix: str
-    same_as: int | None = None
-
-    def __str__(self) -> str:
-        also = f" (same as line {self.same_as})" if self.same_as else ""
-        return f"line {self.line}: {self.field}: {self.message}{also}. Fix: {self.fix}"
 
 
 # ---------------------------------------------------------------- formats
@@ -121,21 +101,11 @@ def _check_messages(msgs, triage: bool) -> list[tuple[str, str, str, str]]:
 def validate_lines(path: str | Path, triage: bool = True) -> tuple[list[tuple[int, dict]], list[Problem]]:
     """Read a JSONL file and return (line, record) for valid records and every problem found (no early stop)."""
     path = Path(path)
-    raw = path.read_bytes()
-    if not raw.strip():
+    values, problems = read_lines(path)
+    if not values and not problems:
         return [], [Problem(1, "empty", "file", f"{path.name} is empty (0 records)", "check the export step that wrote it")]
-    good, problems = [], []
-    for n, blob in enumerate(raw.split(b"\n"), start=1):
-        if not blob.strip():
-            continue
-        try:
-            record = json.loads(blob.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            problems.append(Problem(n, "malformed", "encoding", f"byte {e.start} is not UTF-8", "re-save the file as UTF-8"))
-            continue
-        except ValueError as e:
-            problems.append(Problem(n, "malformed", "json", f"not valid JSON ({e.msg} at column {e.colno})", "fix or drop the line; it may be truncated"))
-            continue
+    good = []
+    for n, record in values:
         if not isinstance(record, dict) or detect_format(record) is None:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             problems.append(Problem(n, "malformed", "format", f"unknown format (keys {keys})", "use messages, instruction/output, prompt/completion or prompt/chosen/rejected"))
@@ -144,15 +114,15 @@ def validate_lines(path: str | Path, triage: bool = True) -> tuple[list[tuple[in
         problems += [Problem(n, *issue) for issue in issues]
         if not issues:
             good.append((n, record))
+    problems.sort(key=lambda p: p.line)
     return good, problems
 
 
 def load_jsonl(path: str | Path, triage: bool = True) -> list[dict]:
-    """Valid records of a file, or a DataError listing every problem (file, line, field, fix)."""
+    """Valid records of a file, or a DataError listing every problem (file:line:field: what. Fix: how)."""
     good, problems = validate_lines(path, triage)
     if problems:
-        shown = "\n".join(f"{Path(path).name} {p}" for p in problems[:20])
-        raise DataError(f"{len(problems)} problem(s) in {path}:\n{shown}")
+        raise DataError(problems_message(path, problems))
     return [r for _, r in good]
 
 
@@ -273,7 +243,7 @@ def clean(path: str | Path, test: list[dict] | None = None) -> tuple[list[dict],
     drop |= {p.line for p in leaks}
     problems += dupes + near + leaks
     kept = [r for n, r in rows if n not in drop]
-    n_lines = Path(path).read_bytes().count(b"\n")
+    n_lines = read_bytes(path).count(b"\n")
     return kept, QualityReport(str(path), n_lines, len(kept), dict(Counter(p.kind for p in problems)), problems)
 
 
@@ -325,11 +295,7 @@ def careless_records(path: str | Path) -> list[dict]:
     non-empty list of {role, content} strings) are skipped, as a user would after the first crash.
     """
     records = []
-    for blob in Path(path).read_bytes().split(b"\n"):
-        try:
-            record = json.loads(blob.decode("utf-8"))
-        except ValueError:  # includes UnicodeDecodeError
-            continue
+    for _, record in read_lines(path)[0]:  # lines that are not JSON or not UTF-8 are skipped
         msgs = record.get("messages") if isinstance(record, dict) else None
         if isinstance(msgs, list) and msgs and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs

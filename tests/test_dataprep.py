@@ -74,8 +74,8 @@ def test_load_raises_one_labkit_error_listing_file_line_and_fix(tmp_path):
         load_jsonl(path)
     assert isinstance(err.value, LabkitError)
     lines = str(err.value).splitlines()
-    assert lines[1].startswith("bad.jsonl line 1: json:") and "Fix:" in lines[1]
-    assert lines[2].startswith("bad.jsonl line 3: format:")
+    assert lines[1].startswith("bad.jsonl:1:json:") and "Fix:" in lines[1]
+    assert lines[2].startswith("bad.jsonl:3:format:")
 
 
 def test_formats_are_detected_and_converted_both_ways():
