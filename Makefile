@@ -24,8 +24,10 @@ $(STAMP): requirements-lock.txt pyproject.toml
 setup: $(STAMP)
 	@$(PY) -m labkit.models
 
+# Extra Jupyter arguments: `make lab ARGS="--port 8899"`. As root (containers, many cloud notebooks)
+# Jupyter refuses to start without --allow-root, so it is added then and only then.
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
