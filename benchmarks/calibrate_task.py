@@ -13,7 +13,7 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 
-from labkit.datagen import read_jsonl
+from labkit.data import read_jsonl
 from labkit.evaluate import generate, score_triage
 from labkit.models import load_model
 from labkit.paths import data_dir

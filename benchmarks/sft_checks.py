@@ -5,13 +5,13 @@
 import copy, sys, torch, tempfile, pathlib
 
 from labkit.models import load_model
-from labkit.datagen import read_jsonl
+from labkit.data import read_jsonl
 from labkit.paths import data_dir
 from labkit.sft import *
 from labkit.sft import SFTConfig
 from peft import PeftModel
 torch.set_num_threads(1)
-TINY = SFTConfig(steps=4, batch_size=2, lr=1e-3, r=4, alpha=8, eval_every=2, seed=0)
+TINY = SFTConfig(steps=4, batch_size=2, lr=1e-3, r=4, lora_alpha=8, eval_every=2, seed=0)
 base, tok = load_model()
 ex = read_jsonl(data_dir() / "train.jsonl")[:16]
 # 1 TRL loss parity

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from tqdm.auto import tqdm
 
+from labkit.runtime import model_autocast
 from labkit.sft import IGNORE, Objective, SFTConfig, SFTResult, collate, labelled_logits, train_loop
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -147,7 +148,7 @@ class DPOConfig(SFTConfig):
     lr: float = 2e-4
     warmup_ratio: float = 0.1
     r: int = 8
-    alpha: int = 16
+    lora_alpha: int = 16
     max_length: int = 256
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -184,7 +185,8 @@ def pair_logps(model: PeftModel, tokenizer, pairs: list[dict], batch_size: int =
     score = partial(reference_logps, model) if reference else partial(sequence_logps, model)
     for start in tqdm(range(0, len(rows), batch_size), desc="log-probs", disable=not progress, leave=False):
         idx = list(range(start, min(start + batch_size, len(rows))))
-        logps = score(collate_pairs([rows[i] for i in idx], tokenizer.pad_token_id))
+        with model_autocast(model):
+            logps = score(collate_pairs([rows[i] for i in idx], tokenizer.pad_token_id))
         chosen[idx], rejected[idx] = logps.cpu().chunk(2)
     model.train(was_training)
     return chosen, rejected

@@ -5,40 +5,55 @@ from __future__ import annotations
 import os
 import platform
 import random
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from labkit import LabkitError
+
 SMOLLM2_135M = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-# A profile sizes the course to the hardware: which model and how many steps.
+# A profile sizes the course to the hardware: which model, and every notebook's step counts and sample sizes.
+# Notebooks read these as `budget = rt.settings`; tests/test_notebooks.py checks that every key is read.
 PROFILES: dict[str, dict] = {
     "cpu": {
         "model": SMOLLM2_135M,
-        "batch_size": 4,
-        "sft_steps": 40,
-        "sft_lr": 1e-3,
-        "eval_every": 20,
-        "val_examples": 24,
-        "baseline_examples": 20,
-        "eval_examples": 200,
-        "overfit_steps": 20,
-        "dpo_steps": 40,
+        # 01: tickets per prompt baseline
         "decide_examples": 16,
+        # 02: dirty vs clean (same budget), and the learning curve
+        "data_steps": 24, "data_batch_size": 2, "data_lr": 2e-3, "data_seeds": [0], "data_eval_examples": 64,
+        "curve_sizes": [3, 12, 48], "curve_steps": 24, "curve_batch_size": 2, "curve_eval": 32,
+        # 03: our LoRA layer's training run and the rank/target sweep
+        "lora_steps": 10, "lora_batch_size": 8, "lora_val": 24, "lora_test": 24, "sweep_layers": 4, "sweep_steps": 8,
+        # 04: quantization error, perplexity, and LoRA vs QLoRA
+        "qlora_error_layers": list(range(0, 30, 3)), "qlora_ppl_examples": 16, "qlora_steps": 20,
+        "qlora_batch_size": 2, "qlora_micro_batch": 1, "qlora_lr": 4e-3, "qlora_val": 40, "qlora_show": 2,
+        # 05: the running example's SFT (06 builds on this adapter)
+        "batch_size": 4, "sft_steps": 40, "sft_lr": 1e-3, "eval_every": 20, "val_examples": 24,
+        "baseline_examples": 20, "overfit_steps": 20,
+        # 06: reference SFT on replies, then DPO, and the held-out measurements
+        "reply_sft_steps": 12, "dpo_steps": 10, "dpo_batch_size": 4, "dpo_lr": 2e-4, "dpo_beta": 0.1,
+        "heldout_pairs": 32, "greeting_prompts": 48, "greeting_tokens": 10, "triage_tickets": 64,
+        # 09: the same run on one process and on two (torchrun, gloo)
+        "scale_steps": 6, "scale_batch_size": 4, "scale_examples": 64, "scale_max_length": 128,
     },
     "gpu": {
         "model": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
-        "batch_size": 16,
-        "sft_steps": 300,
-        "sft_lr": 2e-4,
-        "eval_every": 50,
-        "val_examples": 200,
-        "baseline_examples": 200,
-        "eval_examples": 200,
-        "overfit_steps": 60,
-        "dpo_steps": 200,
         "decide_examples": 100,
+        "data_steps": 60, "data_batch_size": 4, "data_lr": 2e-4, "data_seeds": [0, 1, 2], "data_eval_examples": 200,
+        "curve_sizes": [25, 50, 100, 200, 400, 800, 1600], "curve_steps": 100, "curve_batch_size": 16,
+        "curve_eval": 200,
+        "lora_steps": 60, "lora_batch_size": 16, "lora_val": 100, "lora_test": 100, "sweep_layers": 8,
+        "sweep_steps": 40,
+        "qlora_error_layers": None, "qlora_ppl_examples": 100, "qlora_steps": 40, "qlora_batch_size": 16,
+        "qlora_micro_batch": 4, "qlora_lr": 1e-3, "qlora_val": 100, "qlora_show": 3,
+        "batch_size": 16, "sft_steps": 300, "sft_lr": 2e-4, "eval_every": 50, "val_examples": 200,
+        "baseline_examples": 200, "overfit_steps": 60,
+        "reply_sft_steps": 60, "dpo_steps": 150, "dpo_batch_size": 8, "dpo_lr": 5e-5, "dpo_beta": 0.1,
+        "heldout_pairs": 100, "greeting_prompts": 100, "greeting_tokens": 16, "triage_tickets": 200,
+        "scale_steps": 6, "scale_batch_size": 4, "scale_examples": 64, "scale_max_length": 128,
     },
 }
 
@@ -52,9 +67,47 @@ def pick_device() -> str:
     return "cpu"
 
 
+# ---------------------------------------------------------------- precision
+
+DTYPE_CHOICES = ("fp32", "bf16")  # what LABKIT_DTYPE may say
+
+# The course default on a CPU that computes bf16 natively: False trains and evaluates in fp32 everywhere
+# (as before); True uses bf16 mixed precision there (fp32 weights, bf16 matmuls, fp32 LoRA/optimizer/loss).
+# LABKIT_DTYPE=bf16 or =fp32 overrides it either way. Measured in benchmarks/RESULTS.md.
+BF16_MIXED_ON_NATIVE_CPU = False
+
+
+def requested_dtype() -> str | None:
+    """The precision LABKIT_DTYPE forces ('fp32' or 'bf16'), or None when it is unset."""
+    chosen = os.environ.get("LABKIT_DTYPE", "").strip().lower()
+    if not chosen:
+        return None
+    if chosen not in DTYPE_CHOICES:
+        raise LabkitError(f"LABKIT_DTYPE={chosen!r} is not a precision; set it to one of {list(DTYPE_CHOICES)} "
+                          "or unset it.")
+    return chosen
+
+
+def cpu_bf16_features() -> list[str]:
+    """The bf16 hardware torch reports on this CPU (e.g. ['avx512_bf16', 'amx_bf16']); empty if none."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # oneDNN has no bf16 kernels for this CPU
+        return []
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    # x86: AVX512-BF16 / AMX-BF16; Arm: the BF16 extension (NEON or SVE). Without them bf16 is emulated (slow).
+    return [name for name in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16") if capabilities.get(name) is True]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware, by torch's own capability queries (never the model name)."""
+    return bool(cpu_bf16_features())
+
+
 def pick_dtype(device: str, capability: tuple[int, int] | None = None) -> torch.dtype:
-    """Training dtype for a device: bf16 on CUDA >= 8.0, fp16 on older CUDA, else fp32."""
+    """Dtype the weights load in: bf16 on CUDA >= 8.0, fp16 on older CUDA, else fp32 (LABKIT_DTYPE forces CUDA's)."""
     if device == "cuda":
+        forced = requested_dtype()
+        if forced:
+            return torch.bfloat16 if forced == "bf16" else torch.float32
         if capability is None:
             capability = torch.cuda.get_device_capability()
         # T4 (7.5) reports bf16 as "supported" but emulates it slowly: check the capability.
@@ -62,13 +115,43 @@ def pick_dtype(device: str, capability: tuple[int, int] | None = None) -> torch.
     return torch.float32
 
 
+def pick_amp_dtype(device: str, native_bf16: bool | None = None) -> torch.dtype | None:
+    """Dtype matmuls run in under autocast: bf16 on a CPU that computes it natively (if the default or
+    LABKIT_DTYPE says so), else None (no autocast: fp32 on CPU/MPS, the weights' own dtype on CUDA)."""
+    if device != "cpu":
+        return None
+    forced = requested_dtype()
+    if forced:
+        return torch.bfloat16 if forced == "bf16" else None
+    if native_bf16 is None:
+        native_bf16 = cpu_has_native_bf16()
+    return torch.bfloat16 if native_bf16 and BF16_MIXED_ON_NATIVE_CPU else None
+
+
+def autocast(device: str, amp_dtype: torch.dtype | None) -> AbstractContextManager:
+    """torch.autocast on `device` in `amp_dtype`, or a context that changes nothing when amp_dtype is None."""
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device, dtype=amp_dtype)
+
+
+def model_autocast(model) -> AbstractContextManager:
+    """The autocast context this machine runs `model` in (see pick_amp_dtype); wrap forward and loss in it."""
+    device = next(model.parameters()).device.type
+    return autocast(device, pick_amp_dtype(device))
+
+
+def precision_name(dtype: torch.dtype, amp_dtype: torch.dtype | None) -> str:
+    """A short name for a precision: 'float32', 'bfloat16', or 'bfloat16 mixed (float32 weights)'."""
+    name = str(dtype).replace("torch.", "")
+    return name if amp_dtype is None else f"{str(amp_dtype).replace('torch.', '')} mixed ({name} weights)"
+
+
 def pick_profile(device: str) -> str:
     """'gpu' on CUDA, else 'cpu'; the LABKIT_PROFILE environment variable overrides."""
     chosen = os.environ.get("LABKIT_PROFILE", "").strip().lower()
     if chosen:
         if chosen not in PROFILES:
-            from labkit import LabkitError
-
             raise LabkitError(
                 f"LABKIT_PROFILE={chosen!r} is not a profile; use one of {sorted(PROFILES)}."
             )
@@ -85,13 +168,17 @@ def seed_everything(seed: int = 0) -> None:
 
 @dataclass
 class Runtime:
-    """What this machine gives the course: device, dtype, threads and profile settings."""
+    """What this machine gives the course: device, dtypes, threads and profile settings.
+
+    `dtype` is what weights load in; `amp_dtype` is what matmuls compute in under autocast (None: no autocast).
+    """
 
     device: str
     dtype: torch.dtype
     threads: int
     profile: str
     settings: dict = field(default_factory=dict)
+    amp_dtype: torch.dtype | None = None
 
     @property
     def model_name(self) -> str:
@@ -103,7 +190,13 @@ class Runtime:
             gpu = f" ({torch.cuda.get_device_name()}, cc {'.'.join(map(str, torch.cuda.get_device_capability()))})"
         lines = [
             f"device   {self.device}{gpu}",
-            f"dtype    {str(self.dtype).replace('torch.', '')}",
+            f"dtype    {precision_name(self.dtype, self.amp_dtype)}  (set LABKIT_DTYPE=fp32|bf16 to override)",
+        ]
+        if self.device == "cpu":
+            features = cpu_bf16_features()
+            native = f"native ({', '.join(features)})" if features else "emulated (no bf16 hardware)"
+            lines.append(f"cpu      {torch.backends.cpu.get_cpu_capability()}, bf16 {native}")
+        lines += [
             f"threads  {self.threads}",
             f"profile  {self.profile}  (model {self.model_name}; set LABKIT_PROFILE to override)",
             f"python   {platform.python_version()}   torch {torch.__version__}",
@@ -119,7 +212,7 @@ def detect(seed: int | None = 0) -> Runtime:
     if seed is not None:
         seed_everything(seed)
     profile = pick_profile(device)
-    return Runtime(device, pick_dtype(device), threads, profile, dict(PROFILES[profile]))
+    return Runtime(device, pick_dtype(device), threads, profile, dict(PROFILES[profile]), pick_amp_dtype(device))
 
 
 def versions() -> dict[str, str]:

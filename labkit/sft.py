@@ -5,11 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +17,20 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
-from labkit import LabkitError
+from labkit import LabkitError, distributed
+from labkit.checkpoint import (
+    adapter_state,
+    check_writable,
+    latest_checkpoint,
+    load_checkpoint,
+    load_adapter_weights,
+    load_cached_adapter,
+    run_identity,
+    save_adapter,
+    save_checkpoint,
+)
+from labkit.paths import cache_root
+from labkit.runtime import model_autocast, pick_amp_dtype, pick_device
 
 IGNORE = -100  # label value that cross-entropy skips
 
@@ -34,13 +45,28 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None = None
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        # The reply spans from the end of "everything before it + assistant header" to the end of itself.
-        start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=True)["input_ids"])
+        # The reply spans from where "everything before it + assistant header" stops matching the conversation's
+        # tokens (a reply starting with whitespace merges with the header's newline, as TRL finds) to its own end.
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=True)["input_ids"]
+        start = next((k for k, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
         end = len(tokenizer.apply_chat_template(messages[: i + 1], return_dict=True)["input_ids"])
         labels[start:end] = ids[start:end]
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return {"input_ids": ids, "labels": labels}
+
+
+def label_mask_html(tokenizer, row: dict[str, list[int]]) -> str:
+    """One tokenized example as HTML: tokens that are trained on (they have a label) in green, the rest grey."""
+    import html
+
+    spans = []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        text = html.escape(tokenizer.decode([token])).replace("\n", "\u21b5")
+        style = "background:#c6efce" if label != IGNORE else "color:#999"
+        spans.append(f'<span style="{style};border:1px solid #ddd;margin:1px;padding:0 2px;'
+                     f'font-family:monospace;white-space:pre">{text}</span>')
+    return "<div style='line-height:1.9'>" + "".join(spans) + "</div>"
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -137,22 +163,26 @@ SFT = Objective(
 class SFTConfig:
     """Everything that defines a LoRA SFT run (and so its cache key)."""
 
-    steps: int = 40
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    targets: str | list[str] = "all-linear"
-    max_length: int = 512
-    eval_every: int = 10
+    # how long and how much per step
+    steps: int = 40  # optimizer steps (not epochs): the budget a CPU can afford
+    batch_size: int = 8  # examples per forward pass
+    grad_accum: int = 1  # forward passes per optimizer step: effective batch = batch_size x grad_accum
+    # the optimizer (AdamW) and its schedule
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    warmup_ratio: float = 0.05  # share of steps spent ramping the lr up from ~0: avoids early instability
+    weight_decay: float = 0.0  # AdamW's decoupled decay on the adapter weights: mild regularisation
+    max_grad_norm: float = 1.0  # gradients are clipped to this norm, so one bad batch cannot wreck the adapter
+    # the adapter (peft's names)
+    r: int = 16  # rank of the update B @ A: capacity and size of the adapter
+    lora_alpha: int = 32  # the update is scaled by lora_alpha / r; keep about 2 x r
+    lora_dropout: float = 0.0  # dropout on the adapter's input only
+    target_modules: str | list[str] = "all-linear"  # which linear layers get an adapter
+    # data, evaluation and safety nets
+    max_length: int = 512  # longer examples are cut to this many tokens
+    eval_every: int = 10  # steps between validation-loss evaluations (and best-checkpoint updates)
     patience: int | None = None  # evaluations without improvement before stopping; None = never stop early
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = none
-    seed: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints written to out_dir; 0 = none
+    seed: int = 0  # adapter init, batch order and dropout: the same seed gives the same run
 
 
 @dataclass
@@ -171,64 +201,51 @@ class TrainingDiverged(LabkitError):
     """The loss became NaN or infinite."""
 
 
-def lr_at(step: int, config: SFTConfig) -> float:
-    """Learning rate at a step: linear warmup, then cosine decay to zero."""
-    warmup = max(1, round(config.warmup_ratio * config.steps))
+def lr_at(step: int, lr: float, steps: int, warmup_ratio: float) -> float:
+    """Learning rate at a step (0-based): linear warmup, then cosine decay to zero."""
+    warmup = max(1, round(warmup_ratio * steps))
     if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, config.steps - warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def add_lora(model, config: SFTConfig) -> PeftModel:
     """Wrap a model with a fresh peft LoRA adapter as the config describes."""
-    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=config.targets, task_type="CAUSAL_LM")
+    lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- one step's gradients
 
 
-def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """A detached copy of the trainable (adapter) weights."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], objective: Objective,
+                         ddp=None) -> tuple[float, dict[str, float], int]:
+    """Forward and backward over one step's micro-batches: the mean loss per unit, mean metrics, tokens seen.
 
-
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, history: list[dict], best: dict) -> Path:
-    """Write a checkpoint atomically: a temporary folder renamed into place, then a 'latest' pointer."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tmp-"))
-    torch.save({"step": step, "adapter": adapter_state(model), "optimizer": optimizer.state_dict(),
-                "history": history, "best": best, "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    final = out_dir / f"checkpoint-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    pointer = out_dir / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, out_dir / "latest")
-    for old in out_dir.glob("checkpoint-*"):  # keep only the newest
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint folder that 'latest' points to, if any."""
-    pointer = out_dir / "latest"
-    if not pointer.exists():
-        return None
-    path = out_dir / pointer.read_text().strip()
-    return path if (path / "state.pt").exists() else None
-
-
-def load_adapter_weights(model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
-    """Copy saved adapter weights into the model's trainable parameters."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    With `ddp` (labkit.distributed.data_parallel) the micro-batches are this process's shards of the step's:
+    the loss is divided by the units of every process's shards and the logged numbers are summed over processes.
+    """
+    n_units = sum(objective.units(b) for b in micro_batches)
+    divisor = n_units
+    if ddp is not None:  # DDP averages the gradients over processes: divide by units / processes to get their sum
+        n_units = int(distributed.all_sum([n_units])[0])
+        divisor = n_units / distributed.world_size()
+    step_loss, metrics, tokens = 0.0, {}, 0
+    for k, batch in enumerate(micro_batches):
+        with distributed.sync_unless(k < len(micro_batches) - 1, ddp):  # DDP averages at the step's last one
+            with model_autocast(model):  # bf16 mixed precision where the runtime picks it, else nothing changes
+                loss, sums = objective.loss(model, batch) if ddp is None else ddp(batch)  # summed over its units
+            (loss / divisor).backward()  # dividing by the whole step's units makes accumulation exact
+        step_loss += loss.item() / n_units
+        for name, value in sums.items():
+            metrics[name] = metrics.get(name, 0.0) + value / n_units
+        tokens += int(batch["attention_mask"].sum())
+    if ddp is not None:
+        step_loss, tokens, *values = distributed.all_sum([step_loss, tokens, *metrics.values()])
+        metrics, tokens = dict(zip(metrics, values)), int(tokens)
+    return step_loss, metrics, tokens
 
 
 # ---------------------------------------------------------------- evaluation loss
@@ -243,7 +260,8 @@ def validation_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16, 
     order = sorted(range(len(rows)), key=lambda i: objective.length(rows[i]))
     for b in range(0, len(order), batch_size):
         batch = objective.collate([rows[i] for i in order[b : b + batch_size]], pad_id)
-        loss, _ = objective.loss(model, batch)
+        with model_autocast(model):
+            loss, _ = objective.loss(model, batch)
         total, count = total + loss.item(), count + objective.units(batch)
     model.train(was_training)
     return total / max(count, 1)
@@ -252,24 +270,26 @@ def validation_loss(model, rows: list[dict], pad_id: int, batch_size: int = 16, 
 # ---------------------------------------------------------------- the training loop
 
 
-def train_sft(
-    model,
-    tokenizer,
-    train: list[dict],
-    validation: list[dict] | None = None,
-    config: SFTConfig | None = None,
-    out_dir: str | Path | None = None,
-    resume: bool = False,
-    plot: bool = True,
-    progress: bool = True,
-    stop_after: int | None = None,
-) -> SFTResult:
+def keep_labelled(rows: list[dict], objective: Objective, pad_id: int, max_length: int | None, what: str) -> list[dict]:
+    """The rows whose every sequence keeps a labelled token after truncation; the rest dropped with a warning, as TRL does."""
+    kept = [r for r in rows if bool((objective.collate([r], pad_id)["labels"][:, 1:] != IGNORE).any(dim=1).all())]
+    if rows and not kept:
+        raise LabkitError(f"{what}: none of the {len(rows)} examples keeps a labelled token after truncation to "
+                          f"max_length={max_length}. Fix: raise max_length, or shorten the prompts")
+    if len(kept) < len(rows):
+        warnings.warn(f"{what}: dropped {len(rows) - len(kept)} of {len(rows)} examples whose labels were all cut by "
+                      f"max_length={max_length}; raise max_length to keep them", stacklevel=3)
+    return kept
+
+
+def train_sft(model, tokenizer, train: list[dict], validation: list[dict] | None = None,
+              config: SFTConfig | None = None, **loop_options) -> SFTResult:
     """Fine-tune `model` with LoRA on chat examples and return the best adapter by validation loss.
 
-    `stop_after` ends the run after that many steps (to demonstrate interruption and resume).
+    `loop_options` are train_loop's: out_dir, resume, plot, progress, and stop_after (end the run after that
+    many steps, to demonstrate interruption and resume).
     """
-    return train_loop(model, tokenizer, train, validation, config or SFTConfig(), SFT, out_dir=out_dir, resume=resume,
-                      plot=plot, progress=progress, stop_after=stop_after)
+    return train_loop(model, tokenizer, train, validation, config or SFTConfig(), SFT, **loop_options)
 
 
 def train_loop(
@@ -286,45 +306,53 @@ def train_loop(
     stop_after: int | None = None,
 ) -> SFTResult:
     """The one LoRA training loop: minimise `objective` on `train`, keep the best adapter by validation loss."""
+    # the adapter: a fresh LoRA (B = 0, so the model starts exactly at the base), seeded
     torch.manual_seed(config.seed)
     model = model if isinstance(model, PeftModel) else add_lora(model, config)
+    if out_dir:
+        check_writable(Path(out_dir))  # fail now, not at the first checkpoint after compute was spent
+    # the data: tokenize once, then fix every step's batch indices up front (length-grouped, shuffled)
     pad_id = tokenizer.pad_token_id
     rows = [objective.tokenize(tokenizer, ex, config.max_length) for ex in train]
     val_rows = [objective.tokenize(tokenizer, ex, config.max_length) for ex in validation or []]
+    rows = keep_labelled(rows, objective, pad_id, config.max_length, "train")
+    val_rows = keep_labelled(val_rows, objective, pad_id, config.max_length, "validation")
     schedule = length_grouped_batches([objective.length(r) for r in rows], config.batch_size,
                                       config.steps * config.grad_accum, config.seed)
+    # several processes (a launcher started them): DDP around the loss; None when alone
+    ddp = distributed.data_parallel(model, objective.loss)
+    # the optimizer: AdamW over the adapter's parameters only (the base stays frozen)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     history: list[dict] = []
     best = {"step": 0, "val_loss": math.inf, "adapter": adapter_state(model), "bad_evals": 0}
     start_step = 0
     out_dir = Path(out_dir) if out_dir else None
-    if resume and out_dir and (ckpt := latest_checkpoint(out_dir)):
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+    # resume: adapter, optimizer state, history and RNG from the latest checkpoint, so the run continues exactly
+    if resume and out_dir and (state := load_checkpoint(out_dir, model, run_identity(model, objective.name))):
         load_adapter_weights(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         history, best, start_step = state["history"], state["best"], state["step"]
         torch.set_rng_state(state["torch_rng"])
-    live = LossPlot(objective.name, objective.loss_label) if plot else None
+    live = LossPlot(objective.name, objective.loss_label) if plot and distributed.is_main() else None
     result = SFTResult(model, history)
     model.train()
     tokens, started = 0, time.perf_counter()
-    bar = tqdm(range(start_step, config.steps), desc=objective.name, disable=not progress, initial=start_step,
-               total=config.steps)
+    bar = tqdm(range(start_step, config.steps), desc=objective.name, initial=start_step, total=config.steps,
+               disable=not progress or not distributed.is_main())
     for step in bar:
+        # the schedule: set this step's learning rate (warmup, then cosine decay)
+        lr = lr_at(step, config.lr, config.steps, config.warmup_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        micro = [objective.collate([rows[i] for i in schedule[step * config.grad_accum + k]], pad_id)
+            group["lr"] = lr
+        # the data: this step's micro-batches, padded only to their own longest row
+        # (several processes: each takes its shard of every micro-batch)
+        micro = [objective.collate([rows[i] for i in distributed.shard(schedule[step * config.grad_accum + k])], pad_id)
                  for k in range(config.grad_accum)]
-        n_units = sum(objective.units(b) for b in micro)
-        step_loss, metrics = 0.0, {}
-        for batch in micro:  # gradient accumulation: the loss is the mean over all units (tokens, pairs) of the step
-            loss, sums = objective.loss(model, batch)
-            (loss / n_units).backward()
-            step_loss += loss.item() / n_units
-            for name, value in sums.items():
-                metrics[name] = metrics.get(name, 0.0) + value / n_units
-            tokens += int(batch["attention_mask"].sum())
+        # forward and backward: gradients of the mean loss over every unit (token, pair) of the step
+        step_loss, metrics, seen = accumulate_gradients(model, micro, objective, ddp)
+        tokens += seen
+        # a NaN or inf loss would poison the adapter: stop with a clear message instead
         if not math.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
             where = f"; the last good checkpoint is {latest_checkpoint(out_dir)}" if out_dir and latest_checkpoint(out_dir) else ""
@@ -332,10 +360,12 @@ def train_loop(
                 f"loss is {step_loss} at step {step + 1}: training diverged. The likely cause is a learning "
                 f"rate that is too high (lr={config.lr:g}); try 10x lower, or lower max_grad_norm{where}."
             )
+        # the update: clip the gradient norm, take an AdamW step, clear the gradients
         torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": step_loss, "lr": lr_at(step, config), **metrics}
+        # evaluation: validation loss every eval_every steps and at the end; keep the best adapter seen
+        record = {"step": step + 1, "loss": step_loss, "lr": lr, **metrics}
         last = step + 1 == config.steps
         if val_rows and ((step + 1) % config.eval_every == 0 or last):
             record["val_loss"] = validation_loss(model, val_rows, pad_id, objective=objective)
@@ -343,12 +373,15 @@ def train_loop(
                 best = {"step": step + 1, "val_loss": record["val_loss"], "adapter": adapter_state(model), "bad_evals": 0}
             else:
                 best["bad_evals"] += 1
+        # logging: the progress bar, the live plot
         history.append(record)
         bar.set_postfix(loss=f"{step_loss:.3f}", **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
         if live and ("val_loss" in record or (step + 1) % 5 == 0 or last):
             live.update(history)
-        if out_dir and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            save_checkpoint(out_dir, step + 1, model, optimizer, history, best)
+        # checkpoint: written atomically (by process 0 only), so an interruption leaves the previous one usable
+        if out_dir and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and distributed.is_main():
+            save_checkpoint(out_dir, step + 1, model, optimizer, history, best, run_identity(model, objective.name))
+        # early stopping: patience evaluations without a new best
         if config.patience is not None and best["bad_evals"] >= config.patience:
             result.stopped_early = True
             break
@@ -417,26 +450,22 @@ def data_digest(examples: list[dict]) -> str:
 
 def run_key(model_name: str, train: list[dict], config: SFTConfig) -> str:
     """The cache key of a run: hash of (model, data, config including the seed)."""
-    blob = json.dumps({"model": model_name, "data": data_digest(train), "config": asdict(config)}, sort_keys=True)
+    key = {"model": model_name, "data": data_digest(train), "config": asdict(config)}
+    if (amp := pick_amp_dtype(pick_device())) is not None:  # a mixed-precision adapter is never an fp32 run's
+        key["precision"] = str(amp)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def cached_sft(model, tokenizer, model_name: str, train: list[dict], validation: list[dict] | None,
                config: SFTConfig, **train_kwargs) -> tuple[SFTResult, Path]:
     """The result of an identical earlier run from labkit's cache, or train it now and cache it."""
-    from labkit.models import cache_root
-
     folder = cache_root() / "adapters" / run_key(model_name, train, config)
-    if (folder / "adapter_config.json").exists() and (folder / "run.json").exists():
-        run = json.loads((folder / "run.json").read_text())
-        return SFTResult(PeftModel.from_pretrained(model, folder), **run), folder
+    expect = {"r": config.r, "target_modules": config.target_modules}
+    if (cached := load_cached_adapter(model, folder, expect)) is not None:
+        return SFTResult(cached[0], **cached[1]), folder
+    check_writable(folder.parent, "set LABKIT_HOME to a folder you can write to")  # before training: never lose a run
     result = train_sft(model, tokenizer, train, validation, config, **train_kwargs)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    result.model.save_pretrained(tmp)
     run = {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "stopped_early", "tokens_per_s")}
-    (tmp / "run.json").write_text(json.dumps(run))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    save_adapter(result.model, folder, run)
     return result, folder

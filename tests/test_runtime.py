@@ -5,22 +5,44 @@ import pytest
 import torch
 
 from labkit import LabkitError
-from labkit.runtime import detect, pick_dtype, pick_profile, seed_everything
+import labkit.runtime as runtime
+from labkit.runtime import (
+    autocast,
+    cpu_bf16_features,
+    detect,
+    pick_amp_dtype,
+    pick_dtype,
+    pick_profile,
+    requested_dtype,
+    seed_everything,
+)
 
 
-def test_cpu_trains_in_fp32():
+@pytest.fixture
+def no_dtype_override(monkeypatch):
+    monkeypatch.delenv("LABKIT_DTYPE", raising=False)
+
+
+def fake_cpu(monkeypatch, mkldnn_bf16: bool, **capabilities):
+    """Make torch's capability queries describe another CPU."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: mkldnn_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", **capabilities})
+
+
+def test_cpu_loads_weights_in_fp32(monkeypatch):
+    monkeypatch.setenv("LABKIT_DTYPE", "bf16")
     assert pick_dtype("cpu") == torch.float32
 
 
-def test_t4_capability_7_5_gets_fp16():
+def test_t4_capability_7_5_gets_fp16(no_dtype_override):
     assert pick_dtype("cuda", capability=(7, 5)) == torch.float16
 
 
-def test_ampere_capability_8_0_gets_bf16():
+def test_ampere_capability_8_0_gets_bf16(no_dtype_override):
     assert pick_dtype("cuda", capability=(8, 0)) == torch.bfloat16
 
 
-def test_hopper_capability_9_0_gets_bf16():
+def test_hopper_capability_9_0_gets_bf16(no_dtype_override):
     assert pick_dtype("cuda", capability=(9, 0)) == torch.bfloat16
 
 
@@ -28,11 +50,94 @@ def test_mps_trains_in_fp32():
     assert pick_dtype("mps") == torch.float32
 
 
-def test_this_machine_is_cpu_fp32_with_cpu_profile(monkeypatch):
+def test_cpu_without_cuda_loads_fp32_weights_with_cpu_profile(monkeypatch):
     monkeypatch.delenv("LABKIT_PROFILE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "pick_device", lambda: "cpu")
     rt = detect()
     assert (rt.device, rt.dtype, rt.profile) == ("cpu", torch.float32, "cpu")
     assert rt.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_avx512_bf16_is_native(monkeypatch):
+    fake_cpu(monkeypatch, True, avx512_bf16=True, amx_bf16=False)
+    assert cpu_bf16_features() == ["avx512_bf16"]
+
+
+def test_amx_is_native(monkeypatch):
+    fake_cpu(monkeypatch, True, avx512_bf16=False, amx_bf16=True)
+    assert cpu_bf16_features() == ["amx_bf16"]
+
+
+def test_avx512_without_bf16_is_emulated(monkeypatch):
+    fake_cpu(monkeypatch, True, avx512_f=True, avx512_bf16=False, amx_bf16=False)
+    assert cpu_bf16_features() == []
+
+
+def test_no_onednn_bf16_is_emulated(monkeypatch):
+    fake_cpu(monkeypatch, False, avx512_bf16=True)
+    assert cpu_bf16_features() == []
+
+
+def test_native_cpu_computes_in_bf16_when_the_default_says_so(monkeypatch, no_dtype_override):
+    monkeypatch.setattr(runtime, "BF16_MIXED_ON_NATIVE_CPU", True)
+    fake_cpu(monkeypatch, True, avx512_bf16=True)
+    assert pick_amp_dtype("cpu") == torch.bfloat16
+
+
+def test_emulating_cpu_computes_in_fp32(monkeypatch, no_dtype_override):
+    monkeypatch.setattr(runtime, "BF16_MIXED_ON_NATIVE_CPU", True)
+    fake_cpu(monkeypatch, True, avx512_bf16=False, amx_bf16=False)
+    assert pick_amp_dtype("cpu") is None
+
+
+def test_default_is_fp32_even_where_bf16_is_native(monkeypatch, no_dtype_override):
+    monkeypatch.setattr(runtime, "BF16_MIXED_ON_NATIVE_CPU", False)
+    assert pick_amp_dtype("cpu", native_bf16=True) is None
+
+
+def test_mixed_precision_keeps_weights_fp32(monkeypatch):
+    monkeypatch.setenv("LABKIT_DTYPE", "bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "pick_device", lambda: "cpu")
+    rt = detect()
+    assert (rt.dtype, rt.amp_dtype) == (torch.float32, torch.bfloat16)
+    assert "bfloat16 mixed (float32 weights)" in str(rt)
+
+
+def test_override_fp32_wins_on_a_native_cpu(monkeypatch):
+    monkeypatch.setattr(runtime, "BF16_MIXED_ON_NATIVE_CPU", True)
+    monkeypatch.setenv("LABKIT_DTYPE", "fp32")
+    assert pick_amp_dtype("cpu", native_bf16=True) is None
+
+
+def test_override_bf16_forces_mixed_precision(monkeypatch):
+    monkeypatch.setenv("LABKIT_DTYPE", "BF16")
+    assert pick_amp_dtype("cpu", native_bf16=False) == torch.bfloat16
+
+
+def test_override_sets_cuda_weight_dtype(monkeypatch):
+    monkeypatch.setenv("LABKIT_DTYPE", "fp32")
+    assert pick_dtype("cuda", capability=(8, 0)) == torch.float32
+    assert pick_amp_dtype("cuda") is None
+
+
+def test_unknown_dtype_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LABKIT_DTYPE", "fp16")
+    with pytest.raises(LabkitError, match=r"LABKIT_DTYPE='fp16' is not a precision; set it to one of \['fp32', 'bf16'\]"):
+        requested_dtype()
+
+
+def test_autocast_without_amp_dtype_changes_nothing():
+    a = torch.randn(4, 4)
+    with autocast("cpu", None):
+        assert (a @ a).dtype == torch.float32
+
+
+def test_autocast_in_bf16_runs_matmuls_in_bf16():
+    a = torch.randn(4, 4)
+    with autocast("cpu", torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
 
 
 def test_profile_is_gpu_on_cuda_and_cpu_elsewhere(monkeypatch):
@@ -52,9 +157,11 @@ def test_unknown_profile_is_a_clear_error(monkeypatch):
         pick_profile("cpu")
 
 
-def test_runtime_report_names_device_dtype_and_profile():
+def test_runtime_report_names_device_dtype_bf16_hardware_and_profile(monkeypatch, no_dtype_override):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "pick_device", lambda: "cpu")
     text = str(detect())
-    for word in ("device", "dtype", "float32", "profile", "cpu"):
+    for word in ("device", "dtype", "float32", "LABKIT_DTYPE", "bf16", "profile", "cpu"):
         assert word in text
 
 
@@ -66,3 +173,15 @@ def test_seed_everything_repeats_python_numpy_and_torch():
     first = draw()
     seed_everything(7)
     assert draw() == first
+
+
+def test_mixed_precision_run_has_its_own_adapter_cache_key(monkeypatch):
+    import labkit.sft
+    from labkit.sft import SFTConfig, run_key
+
+    monkeypatch.setattr(labkit.sft, "pick_device", lambda: "cpu")
+    examples = [{"messages": [{"role": "user", "content": "hi"}]}]
+    monkeypatch.setenv("LABKIT_DTYPE", "fp32")
+    fp32 = run_key("m", examples, SFTConfig())
+    monkeypatch.setenv("LABKIT_DTYPE", "bf16")
+    assert run_key("m", examples, SFTConfig()) != fp32

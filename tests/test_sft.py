@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from labkit.datagen import read_jsonl
+from labkit.data import read_jsonl
 from labkit.paths import data_dir
 from labkit.sft import (
     IGNORE,
@@ -22,7 +22,7 @@ from labkit.sft import (
     train_sft,
 )
 
-TINY = SFTConfig(steps=4, batch_size=2, lr=1e-3, r=4, alpha=8, eval_every=2, seed=0)
+TINY = SFTConfig(steps=4, batch_size=2, lr=1e-3, r=4, lora_alpha=8, eval_every=2, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +100,9 @@ def test_length_grouped_batches_are_deterministic_and_cover_every_example():
 
 def test_schedule_warms_up_then_decays_to_zero():
     cfg = SFTConfig(steps=100, lr=1e-3, warmup_ratio=0.05)
-    assert lr_at(0, cfg) == pytest.approx(2e-4)
-    assert lr_at(4, cfg) == pytest.approx(1e-3)
-    assert lr_at(99, cfg) < 1e-6 + 1e-3 * 0.01
+    assert lr_at(0, cfg.lr, cfg.steps, cfg.warmup_ratio) == pytest.approx(2e-4)
+    assert lr_at(4, cfg.lr, cfg.steps, cfg.warmup_ratio) == pytest.approx(1e-3)
+    assert lr_at(99, cfg.lr, cfg.steps, cfg.warmup_ratio) < 1e-6 + 1e-3 * 0.01
 
 
 def test_training_lowers_validation_loss_and_restores_the_best(fresh_model, examples):
