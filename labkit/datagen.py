@@ -7,6 +7,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from labkit.data import read_jsonl, write_jsonl
 from labkit.tickets import (
     CATEGORIES,
     FIELDS,
@@ -22,17 +23,6 @@ from labkit.tickets import (
 SEED = 20261123
 SPLIT_SIZES = {"train": 1600, "validation": 200, "test": 200}  # 80 / 10 / 10
 REPLY_PROMPT = "You are a friendly support agent. Write a short reply to the customer."
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Write records one JSON object per line (UTF-8, stable key order)."""
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a clean JSONL file (use labkit.dataprep.load_jsonl for untrusted files)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ---------------------------------------------------------------- the dirty raw file

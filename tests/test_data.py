@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit.datagen import SPLIT_SIZES, generate_all, read_jsonl
+from labkit.data import read_jsonl
+from labkit.datagen import SPLIT_SIZES, generate_all
 from labkit.tickets import is_valid, label_of, normalise
 
 DATA = Path(__file__).resolve().parent.parent / "data"
