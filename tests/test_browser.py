@@ -142,7 +142,7 @@ def run_all_cells(page, url: str, name: str) -> int:
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name=re.compile(r"^Run All Cells\b")).click()  # the name ends in its shortcut
     page.wait_for_function("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]"
-                           ".some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))", timeout=30_000)
+                           ".some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))", timeout=180_000)  # a busy machine is slow to start
     # Done when every cell has a number, or nothing is queued any more (a cell failed and the rest were cancelled).
     page.wait_for_function(
         """() => {
