@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import random
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,10 +129,47 @@ def pick_amp_dtype(device: str, native_bf16: bool | None = None) -> torch.dtype 
 
 
 def autocast(device: str, amp_dtype: torch.dtype | None) -> AbstractContextManager:
-    """torch.autocast on `device` in `amp_dtype`, or a context that changes nothing when amp_dtype is None."""
+    """torch.autocast on `device` in `amp_dtype`, or a context that changes nothing when amp_dtype is None.
+
+    On CPU, attention then runs in fp32 (see `fp32_attention`): only the matmuls of the linear layers go bf16.
+    """
     if amp_dtype is None:
         return nullcontext()
+    if device == "cpu":
+        return _cpu_mixed_precision(amp_dtype)
     return torch.autocast(device_type=device, dtype=amp_dtype)
+
+
+def fp32_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention computed in fp32 with autocast off, returned in the query's dtype.
+
+    Why: torch's CPU flash-attention backward is ~3x slower in bf16 than in fp32 (benchmarks/RESULTS.md), so
+    bf16 attention would cost more than its matmuls save; attention in fp32 is also the more accurate choice.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(query.dtype), weights
+
+
+@contextmanager
+def _cpu_mixed_precision(amp_dtype: torch.dtype):
+    """autocast on CPU with transformers' "sdpa" attention swapped for fp32_attention, restored on exit."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = fp32_attention
+    try:
+        with torch.autocast(device_type="cpu", dtype=amp_dtype):
+            yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = previous
+        else:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
 def model_autocast(model) -> AbstractContextManager:

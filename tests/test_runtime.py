@@ -185,3 +185,30 @@ def test_mixed_precision_run_has_its_own_adapter_cache_key(monkeypatch):
     fp32 = run_key("m", examples, SFTConfig())
     monkeypatch.setenv("LABKIT_DTYPE", "bf16")
     assert run_key("m", examples, SFTConfig()) != fp32
+
+
+def test_cpu_mixed_precision_runs_attention_in_fp32_and_restores_sdpa(tiny_llama):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    seen = []
+    with autocast("cpu", torch.bfloat16):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is runtime.fp32_attention
+        q = k = v = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+        out, _ = runtime.fp32_attention(torch.nn.Module(), q, k, v, None, is_causal=True)
+        seen.append(out.dtype)
+        model = tiny_llama()
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert seen == [torch.bfloat16] and torch.isfinite(logits).all()
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+
+
+def test_fp32_attention_equals_sdpa_in_fp32():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    module = torch.nn.Module()
+    ours, _ = runtime.fp32_attention(module, q, k, v, None, is_causal=True)
+    ref, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=True)
+    assert torch.equal(ours, ref)
