@@ -174,6 +174,22 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / max(1, len(a | b))
 
 
+def nearest_jaccard(queries: list[dict], reference: list[dict], n: int = 3) -> list[float]:
+    """For each query ticket, the word n-gram Jaccard to its most similar reference ticket (1.0: a copy)."""
+    user = lambda ex: next(m["content"] for m in ex["messages"] if m["role"] == "user")  # noqa: E731
+    index: dict[str, list[int]] = defaultdict(list)
+    ref_sets = [shingles(user(ex), n) for ex in reference]
+    for j, grams in enumerate(ref_sets):
+        for g in grams:
+            index[g].append(j)
+    nearest = []
+    for ex in queries:
+        grams = shingles(user(ex), n)
+        shared = Counter(j for g in grams for j in index.get(g, ()))  # only tickets sharing an n-gram can score > 0
+        nearest.append(max((c / (len(grams) + len(ref_sets[j]) - c) for j, c in shared.items()), default=0.0))
+    return nearest
+
+
 def find_near_duplicates(rows: list[tuple[int, dict]], threshold: float = 0.8) -> list[Problem]:
     """Near duplicates of the user text: MinHash candidates (estimate >= threshold - 0.15), verified by exact Jaccard."""
     texts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for _, r in rows]

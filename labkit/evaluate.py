@@ -114,7 +114,7 @@ def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0, level: 
 
 
 def per_example(replies: list[str], golds: list[dict]) -> dict[str, list[float]]:
-    """Per-example JSON validity, field accuracy and exact match (the units bootstrap resamples)."""
+    """Per-example JSON validity, field accuracy, exact match and each field's accuracy (the units bootstrap resamples)."""
 
     parsed = [parse_triage(r) for r in replies]
     matches = [field_matches(p, g) for p, g in zip(parsed, golds)]
@@ -122,6 +122,7 @@ def per_example(replies: list[str], golds: list[dict]) -> dict[str, list[float]]
         "json_valid": [float(follows_schema(p)) for p in parsed],
         "field_acc": [sum(m.values()) / len(FIELDS) for m in matches],
         "exact_match": [float(all(m.values())) for m in matches],
+        **{f"acc_{f}": [float(m[f]) for m in matches] for f in FIELDS},
     }
 
 

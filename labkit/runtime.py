@@ -30,8 +30,8 @@ PROFILES: dict[str, dict] = {
         # 04: quantization error, perplexity, and LoRA vs QLoRA
         "qlora_error_layers": list(range(0, 30, 3)), "qlora_ppl_examples": 16, "qlora_steps": 20,
         "qlora_batch_size": 2, "qlora_micro_batch": 1, "qlora_lr": 4e-3, "qlora_val": 40, "qlora_show": 2,
-        # 05: the running example's SFT (06 builds on this adapter)
-        "batch_size": 4, "sft_steps": 40, "sft_lr": 1e-3, "eval_every": 20, "val_examples": 24,
+        # 05: the running example's SFT (06-08 build on this adapter); steps x batch x lr from benchmarks/budget_sweep.py
+        "batch_size": 4, "sft_steps": 120, "sft_lr": 2e-3, "eval_every": 40, "val_examples": 24,
         "baseline_examples": 20, "overfit_steps": 20,
         # 06: reference SFT on replies, then DPO, and the held-out measurements
         "reply_sft_steps": 12, "dpo_steps": 10, "dpo_batch_size": 4, "dpo_lr": 2e-4, "dpo_beta": 0.1,

@@ -1,13 +1,16 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from labkit.data import read_jsonl
 from labkit.datagen import SPLIT_SIZES, generate_all
-from labkit.tickets import is_valid, label_of, normalise
+from labkit.paths import data_dir
+from labkit.tickets import PRODUCTS, is_valid, label_of, normalise
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = data_dir()  # the committed data/, or $LABKIT_DATA (e.g. freshly generated files before they are committed)
+CARD = Path(__file__).resolve().parent.parent / "data" / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -71,4 +74,39 @@ def test_probe_set_has_questions_with_answers():
 def test_data_card_states_the_current_label_distribution():
     from labkit.datagen import distribution_table
 
-    assert distribution_table(DATA) in (DATA / "README.md").read_text(encoding="utf-8")
+    assert distribution_table(DATA) in CARD.read_text(encoding="utf-8")
+
+
+def test_training_tickets_write_products_and_order_ids_in_many_forms():
+    texts = [ex["messages"][1]["content"] for ex in read_jsonl(DATA / "train.jsonl")]
+    assert any(p.lower() in t for p in PRODUCTS for t in texts)  # lower case
+    assert any(p.upper() in t for p in PRODUCTS for t in texts)  # ALL CAPS
+    assert any(re.search(r"order (#|no\. )?\d{5}", t) for t in texts)  # order number without the ORD- prefix
+    assert any(re.search(r"\bORD\d{5}|\bord-\d{5}", t) for t in texts)
+
+
+# ---------------------------------------------------------------- the hand-written out-of-distribution set
+
+
+def ood_tickets() -> list[dict]:
+    return read_jsonl(DATA / "ood_tickets.jsonl")
+
+
+def test_ood_set_has_at_least_60_chat_records():
+    ood = ood_tickets()
+    assert len(ood) >= 60
+    assert all([m["role"] for m in ex["messages"]] == ["system", "user", "assistant"] for ex in ood)
+
+
+def test_no_ood_ticket_appears_in_any_split():
+    seen = {normalise(ex["messages"][1]["content"]) for s in SPLIT_SIZES for ex in read_jsonl(DATA / f"{s}.jsonl")}
+    assert not {normalise(ex["messages"][1]["content"]) for ex in ood_tickets()} & seen
+
+
+def test_every_ood_label_follows_the_data_card_rules():
+    for ex in ood_tickets():
+        answer, text = ex["messages"][2]["content"], ex["messages"][1]["content"]
+        label = json.loads(answer)  # valid JSON
+        assert is_valid(label), ex["id"]  # labels in their sets, product in the catalogue or null
+        if label["order_id"] is not None:  # ORD- and 5 digits, and those digits are in the ticket
+            assert re.fullmatch(r"ORD-\d{5}", label["order_id"]) and label["order_id"][4:] in text, ex["id"]

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from labkit import LabkitError
-from labkit.datagen import read_jsonl
+from labkit.data import read_jsonl
 from labkit.dataprep import (
     DataError, careless_records, clean, compare_with_manifest, detect_format, find_test_leaks, load_jsonl,
-    nested_subsets, stratified_split, to_instruction, to_messages, validate_lines,
+    nearest_jaccard, nested_subsets, stratified_split, to_instruction, to_messages, validate_lines,
 )
 from labkit.paths import data_dir
 
@@ -162,3 +162,23 @@ def test_nested_subsets_let_every_label_take_turns():
 def test_nested_subsets_refuse_more_records_than_there_are():
     with pytest.raises(DataError, match="only 100"):
         nested_subsets(RECORDS, [10, 101])
+
+
+def _ticket(text: str) -> dict:
+    return {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": text},
+                         {"role": "assistant", "content": "{}"}]}
+
+
+def test_nearest_jaccard_is_one_for_a_copy_and_zero_for_no_shared_trigram():
+    reference = [_ticket("my order never arrived at all"), _ticket("please reset my password now")]
+    copy_, unrelated = _ticket("My order never arrived at all!"), _ticket("the lamp flickers when dimmed")
+    assert nearest_jaccard([copy_, unrelated], reference) == [1.0, 0.0]
+
+
+def test_nearest_jaccard_equals_brute_force_over_all_references():
+    from labkit.dataprep import jaccard, shingles
+
+    reference = [_ticket(t) for t in ["a b c d e", "c d e f g", "x y z a b c"]]
+    query = _ticket("a b c d e f g")
+    brute = max(jaccard(shingles("a b c d e f g"), shingles(r["messages"][1]["content"])) for r in reference)
+    assert nearest_jaccard([query], reference) == [brute]

@@ -6,7 +6,8 @@ out-of-distribution set (data/ood_tickets.jsonl): JSON validity, per-field accur
 bootstrap CIs for the chosen rows), training wall time, tokens/s. Timings depend on the machine's load:
 compare configurations by steps x batch (examples seen) and rescale wall time by tokens/s.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/budget_sweep.py 40x4x1e-3 60x4x2e-3 [--n-test 200] [--baseline]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/budget_sweep.py 80x4x2e-3 120x4x2e-3 [--n-test 200] [--log F]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/budget_sweep.py --baseline --splits ood   # the prompt baseline
 """
 
 from __future__ import annotations
@@ -45,20 +46,20 @@ def row(name: str, split: str, s: dict, extra: str = "") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("configs", nargs="*", default=["40x4x1e-3"], help="STEPSxBATCHxLR, e.g. 60x4x2e-3")
+    ap.add_argument("configs", nargs="*", help="STEPSxBATCHxLR, e.g. 120x4x2e-3 (none: only --baseline)")
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--val", type=int, default=24, help="validation examples for best-checkpoint selection")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--warmup", type=float, default=0.05)
     ap.add_argument("--baseline", action="store_true", help="also score the prompt baseline (instructions + 5 balanced shots)")
     ap.add_argument("--log", default=None, help="append one JSON line per result here")
+    ap.add_argument("--splits", nargs="+", default=["test", "ood"], choices=["test", "ood"], help="which sets to score")
     args = ap.parse_args()
     rt = detect()
     print(rt, f"\ndata {data_dir()}", flush=True)
     train, validation = load_split("train"), load_split("validation")[: args.val]
-    sets = {"test": load_split("test")[: args.n_test]}
-    if (data_dir() / "ood_tickets.jsonl").exists():
-        sets["ood"] = read_jsonl(data_dir() / "ood_tickets.jsonl")
+    sets = {"test": load_split("test")[: args.n_test], "ood": read_jsonl(data_dir() / "ood_tickets.jsonl")}
+    sets = {name: examples for name, examples in sets.items() if name in args.splits}
     print("columns: " + " ".join(FIELDS), flush=True)
     results = []
     if args.baseline:
