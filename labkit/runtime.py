@@ -34,7 +34,7 @@ PROFILES: dict[str, dict] = {
         "batch_size": 4, "sft_steps": 120, "sft_lr": 2e-3, "eval_every": 40, "val_examples": 24,
         "baseline_examples": 20, "overfit_steps": 20,
         # 06: reference SFT on replies, then DPO, and the held-out measurements
-        "reply_sft_steps": 12, "dpo_steps": 10, "dpo_batch_size": 4, "dpo_lr": 2e-4, "dpo_beta": 0.1,
+        "reply_sft_steps": 24, "dpo_steps": 10, "dpo_batch_size": 4, "dpo_lr": 2e-4, "dpo_beta": 0.1,
         "heldout_pairs": 32, "greeting_prompts": 48, "greeting_tokens": 10, "triage_tickets": 64,
         # 08: merged vs unmerged and the 4-bit merge, the served model per quantization level, load and routing
         "deploy_tickets": 16, "deploy_served_tickets": 16, "deploy_concurrency": 8, "deploy_routed_requests": 6,
