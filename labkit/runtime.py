@@ -37,7 +37,7 @@ PROFILES: dict[str, dict] = {
         "reply_sft_steps": 24, "dpo_steps": 10, "dpo_batch_size": 4, "dpo_lr": 2e-4, "dpo_beta": 0.1,
         "heldout_pairs": 32, "greeting_prompts": 48, "greeting_tokens": 10, "triage_tickets": 64,
         # 08: merged vs unmerged and the 4-bit merge, the served model per quantization level, load and routing
-        "deploy_tickets": 16, "deploy_served_tickets": 16, "deploy_concurrency": 8, "deploy_routed_requests": 6,
+        "deploy_tickets": 16, "deploy_served_tickets": 10, "deploy_concurrency": 8, "deploy_routed_requests": 6,
         "deploy_reply_steps": 12,
         # 09: the same run on one process and on two (torchrun, gloo)
         "scale_steps": 6, "scale_batch_size": 4, "scale_examples": 64, "scale_max_length": 128,
