@@ -1,11 +1,14 @@
-"""Where one fp32 labkit LoRA step spends its time: GEMM vs attention vs elementwise vs optimizer vs Python.
+"""Where one labkit LoRA step spends its time: GEMM vs attention vs elementwise vs optimizer vs Python.
 
 torch.profiler over --steps steps (after 2 warm-up steps) of labkit's SFT step (batch 8 of the training split,
 LoRA r=8 all-linear, as benchmarks/sft_throughput.py). Op self-times are grouped by op name; the optimizer is
 everything inside AdamW.step; "Python and framework" is the wall time no op accounts for (autograd engine,
 module calls, peft's wrappers, dispatch). Also times AdamW's implementations (for-loop, foreach, fused).
+--precision bf16 runs the step under labkit's CPU autocast (bf16 matmuls, attention in fp32); bf16-attention under
+plain torch.autocast (attention in bf16 too), the comparison behind labkit's choice (benchmarks/RESULTS.md).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/profile_step.py [--steps 3] [--batch 8] [--threads 2]
+        [--precision fp32|bf16|bf16-attention]
 """
 
 from __future__ import annotations
@@ -29,11 +32,24 @@ def category(op: str) -> str:
     return "elementwise and other ops"
 
 
-def one_step(model, opt, batch) -> None:
+def precision_context(precision: str):
+    """The autocast context of a precision: none (fp32), labkit's (bf16), or plain torch.autocast (bf16-attention)."""
+    from contextlib import nullcontext
+
+    from labkit.runtime import autocast
+
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16":
+        return autocast("cpu", torch.bfloat16)
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def one_step(model, opt, batch, precision: str = "fp32") -> None:
     """labkit's SFT step: forward + summed loss, backward of the mean, AdamW."""
     from labkit.sft import assistant_loss
 
-    with record_function("forward"):
+    with record_function("forward"), precision_context(precision):
         loss, n = assistant_loss(model, batch)
     with record_function("backward"):
         (loss / n).backward()
@@ -47,6 +63,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16", "bf16-attention"], default="fp32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,11 +79,11 @@ def main() -> None:
     opt = torch.optim.AdamW(trainable, lr=2e-4)
     model.train()
     for batch in data[:2]:
-        one_step(model, opt, batch)
+        one_step(model, opt, batch, args.precision)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for batch in data[2:]:
-            one_step(model, opt, batch)
+            one_step(model, opt, batch, args.precision)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     optimizer = next(e.cpu_time_total for e in events if e.key == "optimizer") / 1e6
@@ -80,7 +97,7 @@ def main() -> None:
     buckets["elementwise and other ops"] -= in_optimizer_ops
     buckets["optimizer (AdamW.step + zero_grad)"] = optimizer
     buckets["Python and framework (not in any op)"] = wall - sum(buckets.values())
-    print(f"\n{args.steps} profiled fp32 steps, batch {args.batch}, {torch.get_num_threads()} threads: "
+    print(f"\n{args.steps} profiled {args.precision} steps, batch {args.batch}, {torch.get_num_threads()} threads: "
           f"{wall / args.steps:.2f} s/step (profiler on)\n")
     print("| part | s/step | share |\n|---|---|---|")
     for name, seconds in buckets.items():
