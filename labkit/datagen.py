@@ -190,7 +190,81 @@ PROBES = [
     ("What language is mainly spoken in Brazil?", ["Portuguese"]), ("What is the plural of mouse?", ["mice"]),
     ("Translate 'hello' into Spanish.", ["hola"]), ("Translate 'thank you' into French.", ["merci"]),
     ("What is the square root of 81?", ["9", "nine"]), ("What animal is known as man's best friend?", ["dog"]),
+    # 80 more (issue 14): 40 probes give a 95 % CI about +-15 points wide, too wide to see forgetting of a few points
+    ("What is the capital of Australia?", ["Canberra"]), ("What is the capital of India?", ["New Delhi", "Delhi"]),
+    ("What is the capital of Greece?", ["Athens"]), ("What is the capital of Portugal?", ["Lisbon"]),
+    ("What is the capital of Ireland?", ["Dublin"]), ("What is the capital of Norway?", ["Oslo"]),
+    ("What is the capital of Sweden?", ["Stockholm"]), ("What is the capital of Austria?", ["Vienna"]),
+    ("What is the capital of Poland?", ["Warsaw"]), ("What is the capital of Mexico?", ["Mexico City"]),
+    ("What is the capital of Argentina?", ["Buenos Aires"]), ("What is the capital of Kenya?", ["Nairobi"]),
+    ("What is the capital of Thailand?", ["Bangkok"]), ("What is the capital of South Korea?", ["Seoul"]),
+    ("What is the capital of the United States?", ["Washington"]), ("What is the capital of the Netherlands?", ["Amsterdam"]),
+    ("What is 3 + 5?", ["8", "eight"]), ("What is 9 + 6?", ["15", "fifteen"]), ("What is 12 minus 4?", ["8", "eight"]),
+    ("What is 20 minus 5?", ["15", "fifteen"]), ("What is 7 times 8?", ["56", "fifty-six"]),
+    ("What is 3 times 4?", ["12", "twelve"]), ("What is 50 divided by 5?", ["10", "ten"]),
+    ("What is half of 20?", ["10", "ten"]), ("What is 15 + 15?", ["30", "thirty"]),
+    ("What is 6 squared?", ["36", "thirty-six"]),
+    ("How many months are in a year?", ["12", "twelve"]), ("How many minutes are in an hour?", ["60", "sixty"]),
+    ("How many sides does a triangle have?", ["3", "three"]), ("How many sides does a square have?", ["4", "four"]),
+    ("How many legs does an insect have?", ["6", "six"]), ("How many wheels does a bicycle have?", ["2", "two"]),
+    ("How many days are in a leap year?", ["366"]), ("How many seconds are in a minute?", ["60", "sixty"]),
+    ("What is the opposite of fast?", ["slow"]), ("What is the opposite of happy?", ["sad", "unhappy"]),
+    ("What is the opposite of open?", ["closed", "shut"]), ("What is the opposite of left?", ["right"]),
+    ("What is the opposite of wet?", ["dry"]), ("What is the opposite of old?", ["young", "new"]),
+    ("What is the opposite of early?", ["late"]), ("What is the opposite of full?", ["empty"]),
+    ("What color do you get by mixing blue and yellow?", ["green"]), ("What color is snow?", ["white"]),
+    ("What color is a ripe tomato?", ["red"]), ("What color is coal?", ["black"]),
+    ("What is the closest star to Earth?", ["Sun"]), ("What is the natural satellite of Earth called?", ["Moon"]),
+    ("Which planet is closest to the Sun?", ["Mercury"]), ("What do cows drink?", ["water"]),
+    ("What is the boiling point of water in Celsius?", ["100", "one hundred"]),
+    ("What gas do humans need to breathe?", ["oxygen"]), ("What is the hardest natural substance?", ["diamond"]),
+    ("What is frozen water called?", ["ice"]), ("Which organ pumps blood through the body?", ["heart"]),
+    ("What is the largest mammal?", ["blue whale", "whale"]), ("What is the fastest land animal?", ["cheetah"]),
+    ("Which animal is known as the king of the jungle?", ["lion"]), ("What do caterpillars turn into?", ["butterfly", "butterflies", "moth"]),
+    ("What is a baby dog called?", ["puppy"]), ("What is a baby cat called?", ["kitten"]),
+    ("Who painted the Mona Lisa?", ["Leonardo", "da Vinci"]), ("Who developed the theory of relativity?", ["Einstein"]),
+    ("Who was the first person to walk on the Moon?", ["Armstrong"]),
+    ("What is the longest river in the world?", ["Nile", "Amazon"]), ("What is the largest desert in the world?", ["Sahara", "Antarctic", "Antarctica"]),
+    ("On which continent is Egypt?", ["Africa"]), ("On which continent is Brazil?", ["South America"]),
+    ("What language is spoken in Germany?", ["German"]), ("What currency is used in Japan?", ["yen"]),
+    ("What is the plural of child?", ["children"]), ("What is the plural of foot?", ["feet"]),
+    ("What is the past tense of go?", ["went"]), ("What is the past tense of eat?", ["ate"]),
+    ("Translate 'cat' into Spanish.", ["gato"]), ("Translate 'water' into French.", ["eau"]),
+    ("Translate 'goodbye' into Spanish.", ["adios", "adiós"]), ("What is the first month of the year?", ["January"]),
+    ("What is the chemical symbol for gold?", ["Au"]), ("What is the chemical symbol for sodium?", ["Na"]),
 ]
+
+
+# ---------------------------------------------------------------- general instructions (replay against forgetting)
+
+# Everyday requests of other kinds than the probes (no capitals, sums, opposites, colours or translations), so
+# mixing them into SFT cannot teach the probes' answers. Notebook 07 pairs each with the base model's own reply
+# (self-distillation: the mix rehearses what the model already does) and mixes them into the triage data.
+GENERAL_TEMPLATES = [
+    ("Give me one practical tip for {}.", ["studying for an exam", "saving money", "sleeping better", "cooking rice",
+                                            "learning to swim", "keeping a plant alive", "writing an email", "running a meeting"]),
+    ("Write one friendly sentence about {}.", ["autumn leaves", "a morning coffee", "a rainy afternoon", "a good book",
+                                                "the ocean", "a mountain walk", "a birthday party", "a quiet library"]),
+    ("Explain in one sentence what {} is.", ["a recipe", "a library", "a calendar", "a bridge", "a password",
+                                             "a spreadsheet", "a thermometer", "a passport"]),
+    ("Suggest a name for {}.", ["a small bakery", "a pet turtle", "a book club", "a hiking group", "a coffee shop",
+                                "a garden blog", "a robot toy", "a chess team"]),
+    ("Describe {} in a few words.", ["a busy city street", "a summer evening", "fresh bread", "a winter morning",
+                                     "a crowded train", "a calm lake", "an old castle", "a football match"]),
+    ("List three things you might pack for {}.", ["a beach holiday", "a camping trip", "a business trip",
+                                                  "a picnic", "a ski weekend", "a long flight", "a day at the zoo", "a concert"]),
+    ("How can I politely {}?", ["decline an invitation", "ask for a deadline extension", "end a phone call",
+                                "remind a friend about money they owe", "ask a neighbour to be quieter",
+                                "say no to extra work", "leave a party early", "ask for feedback"]),
+    ("What are two benefits of {}?", ["walking every day", "reading before bed", "drinking water", "learning a language",
+                                      "keeping a diary", "cycling to work", "cooking at home", "getting up early"]),
+    ("Write a short thank-you note to {}.", ["a teacher", "a neighbour who watered my plants", "a colleague",
+                                             "a friend who helped me move", "a nurse", "my grandmother",
+                                             "a bus driver", "a mentor"]),
+    ("Give a simple definition of the word '{}'.", ["curious", "generous", "patient", "brave", "honest",
+                                                    "humble", "creative", "reliable"]),
+]
+GENERAL_PROMPTS = [template.format(filler) for template, fillers in GENERAL_TEMPLATES for filler in fillers]
 
 
 # ---------------------------------------------------------------- everything
@@ -222,6 +296,8 @@ def generate_all(out_dir: str | Path, seed: int = SEED) -> dict[str, Path]:
     write_jsonl(paths["preferences_test"], pairs[300:])
     paths["probes"] = out / "probes.jsonl"
     write_jsonl(paths["probes"], [{"question": q, "answers": a} for q, a in PROBES])
+    paths["general_prompts"] = out / "general_prompts.jsonl"
+    write_jsonl(paths["general_prompts"], [{"prompt": p} for p in GENERAL_PROMPTS])
     return paths
 
 

@@ -338,3 +338,24 @@ def nested_subsets(records: list[dict], sizes: list[int], key=None, seed: int = 
     turns = zip_longest(*(by_label[label] for label in sorted(by_label)))
     order = [r for turn in turns for r in turn if r is not None]
     return {n: order[:n] for n in sizes}
+
+
+# ---------------------------------------------------------------- mixing general data in (replay, notebook 07)
+
+
+def chat_rows(prompts: list[str], replies: list[str]) -> list[dict]:
+    """Prompt/reply pairs as chat training rows (no system turn: the model's default one applies)."""
+    return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
+            for p, r in zip(prompts, replies, strict=True)]
+
+
+def mix_in(task: list[dict], general: list[dict], share: float, seed: int = 0) -> list[dict]:
+    """The task rows plus general rows making up `share` of the result (cycled if too few), shuffled."""
+    if not 0 < share < 1:
+        raise ValueError(f"share={share} must be between 0 and 1 (e.g. 0.15 for 15 % general data)")
+    if not general:
+        raise ValueError("no general rows to mix in")
+    n_general = round(share / (1 - share) * len(task))
+    mixed = task + [general[i % len(general)] for i in range(n_general)]
+    random.Random(seed).shuffle(mixed)
+    return mixed

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
 import torch
 from tqdm.auto import tqdm
 
-from labkit.runtime import model_autocast
+from labkit.paths import cache_root
+from labkit.runtime import model_autocast, pick_amp_dtype
 from labkit.tickets import FIELDS, LABEL_SETS, field_matches, follows_schema, is_valid, parse_triage
 
 
@@ -38,6 +43,28 @@ def generate(
             for i, row in zip(idx, tokens):
                 replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     model.train(was_training)
+    return replies
+
+
+def cached_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, model_key: str,
+                    progress: bool = True) -> list[str]:
+    """`generate`'s replies, cached on disk by content: `model_key` (which weights) + the prompts + the length.
+
+    `model_key` must name the weights exactly (e.g. the base model's name and the cached adapter folders' names,
+    which are hashes of data and configuration): a wrong key returns another model's replies.
+    """
+    parameter = next(model.parameters())  # the precision it runs in changes greedy replies, so it is part of the key
+    precision = f"{parameter.dtype}, {parameter.device.type}, autocast {pick_amp_dtype(parameter.device.type)}"
+    blob = json.dumps({"model": model_key, "conversations": conversations, "max_new_tokens": max_new_tokens,
+                       "precision": precision}, sort_keys=True)
+    path = cache_root() / "replies" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))["replies"]
+    replies = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # written whole, then renamed: never a half-written cache file
+    tmp.write_text(json.dumps({"model": model_key, "replies": replies}), encoding="utf-8")
+    os.replace(tmp, path)
     return replies
 
 
@@ -144,3 +171,28 @@ def compare(results: dict[str, list[str]], golds: list[dict]):
             row[f"{field} macro-F1"] = macro_f1([p.get(field) for p in parsed], [g[field] for g in golds], labels)
         rows.append(row)
     return pd.DataFrame(rows).set_index("system")
+
+
+# ---------------------------------------------------------------- general-knowledge probes (forgetting)
+
+PROBE_TOKENS = 24  # enough for a one-sentence answer; the answer word comes first in nearly every reply
+
+
+def probe_conversations(probes: list[dict], system: str | None = None) -> list[list[dict]]:
+    """Each probe's question as a chat prompt (with `system` if given, else the model's default system prompt)."""
+    head = [{"role": "system", "content": system}] if system else []
+    return [head + [{"role": "user", "content": p["question"]}] for p in probes]
+
+
+def probe_correct(reply: str, answers: list[str]) -> bool:
+    """Whether the reply states one of the accepted answers as a whole word (case-insensitive)."""
+    import re
+
+    return any(re.search(rf"(?<![\w-]){re.escape(a)}(?![\w-])", reply, flags=re.IGNORECASE) for a in answers)
+
+
+def score_probes(replies: list[str], probes: list[dict]) -> list[float]:
+    """1.0 for each probe answered correctly, else 0.0 (the units a bootstrap CI resamples)."""
+    if len(replies) != len(probes):
+        raise ValueError(f"{len(replies)} replies for {len(probes)} probes")
+    return [float(probe_correct(r, p["answers"])) for r, p in zip(replies, probes)]

@@ -333,20 +333,25 @@ def _slots(rng: random.Random, first: str) -> dict[str, str]:
     }
 
 
-def make_ticket(rng: random.Random) -> Ticket:
-    """Sample one ticket and its label (the label rules are in data/README.md)."""
+def make_ticket(rng: random.Random, narrow: bool = False) -> Ticket:
+    """Sample one ticket and its label (the label rules are in data/README.md).
+
+    narrow=True writes one phrasing family only (notebook 07's contrast to the diverse data): a plain statement
+    from each category's first four templates, as an email, products by their catalogue name and order ids as
+    ORD-nnnnn, with no typos, second issue, up-front urgency or shouting. narrow=False draws exactly as before, so the committed data does not change.
+    """
     category, priority, sentiment = rng.choice(CATEGORIES), rng.choice(PRIORITIES), rng.choice(SENTIMENTS)
     first = rng.choice(FIRST_NAMES)
     slots = _slots(rng, first)
-    template = rng.choice(ISSUES[category])
+    template = rng.choice(ISSUES[category][:4] if narrow else ISSUES[category])
     product = rng.choice(PRODUCTS) if "{p}" in template.lower() else None
-    p_ref = product_reference(rng, product) if product else ""
+    p_ref = (product if narrow else product_reference(rng, product)) if product else ""  # narrow: the catalogue name
     order_rate = {"billing": 0.6, "shipping": 0.7, "returns": 0.6, "technical": 0.3, "account": 0.1}[category]
     order_id, order_sentence, o_inline = None, "", ""
     if rng.random() < order_rate:
         digits = str(rng.randint(10000, 99999))
         order_id = f"ORD-{digits}"
-        forms = order_forms(rng, digits)
+        forms = {"ord": order_id, "num": order_id} if narrow else order_forms(rng, digits)
         if "{o}" in template and rng.random() < 0.7:
             o_inline = rng.choice(ORDER_INLINE).format(**forms)
         else:
@@ -355,26 +360,26 @@ def make_ticket(rng: random.Random) -> Ticket:
     issue = issue[:1].upper() + issue[1:] if rng.random() < 0.7 else issue
     # a second, unrelated issue (never with a product or an order number): the label follows the first one
     second = ""
-    if rng.random() < 0.15:
+    if not narrow and rng.random() < 0.15:
         other = rng.choice([c for c in CATEGORIES if c != category])
         plain = [t for t in ISSUES[other] if "{p}" not in t.lower() and "{o}" not in t]
         s = rng.choice(plain).format(**slots)
         second = rng.choice(SECOND_ISSUE_OPENERS) + s[:1].lower() + s[1:]
     p_cue = rng.choice(PRIORITY_CUES[priority]).format(**slots)
     s_cue = rng.choice(SENTIMENT_CUES[sentiment])
-    if priority != "medium" and rng.random() < 0.2:  # the urgency said up front instead
+    if not narrow and priority != "medium" and rng.random() < 0.2:  # the urgency said up front instead
         issue = rng.choice(URGENT_PREFIXES if priority == "high" else LOW_PREFIXES) + issue
         p_cue = ""
-    if priority == "high" and rng.random() < 0.1:
+    if not narrow and priority == "high" and rng.random() < 0.1:
         issue = issue.upper()  # shouting
-    layout = rng.choices(["email", "chat", "subject", "long"], weights=[45, 25, 15, 15])[0]
+    layout = "email" if narrow else rng.choices(["email", "chat", "subject", "long"], weights=[45, 25, 15, 15])[0]
     fillers = [rng.choice(FILLERS).format(**slots) for _ in range(rng.randint(1, 3))] if layout == "long" else []
     cues = [c for c in (p_cue, s_cue) if c]
     rng.shuffle(cues)
     before = cues[:1] if cues and rng.random() < 0.25 else []  # a cue may open the ticket
     after = cues[len(before):]
     body = " ".join(sentence(x) for x in [*before, *fillers, issue, order_sentence, second, *after] if x)
-    if rng.random() < 0.3:
+    if not narrow and rng.random() < 0.3:
         body = add_typos(rng, body, rng.randint(1, 2), keep={first, "order", "Order", "number", *p_ref.split()})
     full = first if rng.random() < 0.6 else f"{first} {rng.choice(LAST_NAMES)}"
     phone = rng.choice([f"+44 7700 {rng.randint(900000, 900999)}", f"555-{rng.randint(100, 999)}-{rng.randint(1000, 9999)}",
@@ -417,13 +422,19 @@ def label_of(example: dict) -> dict:
     return json.loads(example["messages"][-1]["content"])
 
 
-def unique_tickets(rng: random.Random, n: int, seen: set[str]) -> list[Ticket]:
+def unique_tickets(rng: random.Random, n: int, seen: set[str], narrow: bool = False) -> list[Ticket]:
     """n tickets whose normalised text is new to `seen` (which is updated)."""
     out = []
     while len(out) < n:
-        t = make_ticket(rng)
+        t = make_ticket(rng, narrow)
         key = normalise(t.text)
         if key not in seen:
             seen.add(key)
             out.append(t)
     return out
+
+
+def one_family_examples(n: int, avoid: list[dict], seed: int = 7) -> list[dict]:
+    """n training examples written in one phrasing family only (see make_ticket's narrow), none equal to `avoid`."""
+    seen = {normalise(ex["messages"][1]["content"]) for ex in avoid}
+    return [chat_example(t, f"narrow-{i:04d}") for i, t in enumerate(unique_tickets(random.Random(seed), n, seen, narrow=True))]

@@ -67,8 +67,18 @@ def test_preference_pairs_differ_only_in_greeting_the_customer_by_name():
 
 def test_probe_set_has_questions_with_answers():
     probes = read_jsonl(DATA / "probes.jsonl")
-    assert len(probes) == 40
+    assert len(probes) == 120
     assert all(p["question"].strip() and p["answers"] for p in probes)
+    assert len({p["question"] for p in probes}) == len(probes)
+
+
+def test_general_prompts_ask_nothing_a_probe_asks():
+    from labkit.datagen import GENERAL_PROMPTS
+
+    general = [r["prompt"] for r in read_jsonl(DATA / "general_prompts.jsonl")]
+    assert general == GENERAL_PROMPTS and len(set(general)) == 80
+    probe_kinds = ["capital", "+", "minus", "times", "divided", "opposite", "color", "colour", "translate", "how many"]
+    assert not [g for g in general if any(k in g.lower() for k in probe_kinds)]
 
 
 def test_data_card_states_the_current_label_distribution():

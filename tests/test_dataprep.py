@@ -182,3 +182,28 @@ def test_nearest_jaccard_equals_brute_force_over_all_references():
     query = _ticket("a b c d e f g")
     brute = max(jaccard(shingles("a b c d e f g"), shingles(r["messages"][1]["content"])) for r in reference)
     assert nearest_jaccard([query], reference) == [brute]
+
+
+def test_mixing_in_general_rows_makes_up_the_requested_share():
+    from labkit.dataprep import chat_rows, mix_in
+
+    task = [{"messages": [{"role": "user", "content": f"t{i}"}]} for i in range(85)]
+    general = chat_rows(["g1", "g2"], ["r1", "r2"])
+    mixed = mix_in(task, general, share=0.15, seed=0)
+    n_general = sum(row in general for row in mixed)
+    assert n_general == 15 and len(mixed) == 100
+    assert mix_in(task, general, share=0.15, seed=0) == mixed  # seeded
+
+
+def test_mixing_in_refuses_a_share_outside_zero_and_one():
+    from labkit.dataprep import chat_rows, mix_in
+
+    with pytest.raises(ValueError, match="share"):
+        mix_in([], chat_rows(["g"], ["r"]), share=1.5)
+
+
+def test_chat_rows_pair_each_prompt_with_its_reply():
+    from labkit.dataprep import chat_rows
+
+    assert chat_rows(["hi"], ["hello"]) == [{"messages": [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": "hello"}]}]

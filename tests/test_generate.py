@@ -95,3 +95,28 @@ def test_peft_wrapped_model_equals_model_generate(tiny):
     batch = prompts(4, seed=1)
     ours = greedy_batch(peft_model, batch, max_new_tokens=8, eos_id=-1, pad_id=PAD)
     assert ours == [reference(peft_model, p, 8, eos_id=-1) for p in batch]
+
+
+def test_cached_generate_reads_the_second_call_from_disk(smollm2, tmp_path, monkeypatch):
+    import labkit.evaluate as evaluate
+
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    model, tokenizer = smollm2
+    conversations = [[{"role": "user", "content": "Say hi."}]]
+    first = evaluate.cached_generate(model, tokenizer, conversations, 4, model_key="smollm2", progress=False)
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("generated again"))
+    assert evaluate.cached_generate(model, tokenizer, conversations, 4, model_key="smollm2", progress=False) == first
+    assert len(list((tmp_path / "replies").glob("*.json"))) == 1
+
+
+def test_cached_generate_keys_replies_by_model_and_length(smollm2, tmp_path, monkeypatch):
+    import labkit.evaluate as evaluate
+
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    model, tokenizer = smollm2
+    calls = []
+    monkeypatch.setattr(evaluate, "generate", lambda m, t, c, max_new_tokens, progress: calls.append(1) or ["x"])
+    conversations = [[{"role": "user", "content": "Say hi."}]]
+    for key, length in [("a", 4), ("b", 4), ("a", 5), ("a", 4)]:
+        evaluate.cached_generate(model, tokenizer, conversations, length, model_key=key, progress=False)
+    assert len(calls) == 3

@@ -109,3 +109,25 @@ def test_balanced_shots_cover_every_category_and_priority():
 def test_balanced_shots_rejects_k_larger_than_the_pool():
     with pytest.raises(LabkitError, match="k=4"):
         balanced_shots([_shot(0, "billing", "low")], 4)
+
+
+def test_one_family_tickets_are_plain_emails_with_catalogue_names():
+    from labkit.tickets import ISSUES, PRODUCTS, label_of, one_family_examples
+
+    examples = one_family_examples(60, avoid=[])
+    assert len({ex["messages"][1]["content"] for ex in examples}) == 60
+    for ex in examples:
+        text, label = ex["messages"][1]["content"], label_of(ex)
+        assert not text.startswith(("Subject:", "hi ", "hey ")), text
+        if label["product"]:
+            assert label["product"] in text and label["product"] in PRODUCTS
+        if label["order_id"]:
+            assert label["order_id"] in text
+    assert one_family_examples(60, avoid=[]) == examples  # seeded
+
+
+def test_one_family_tickets_avoid_the_given_examples():
+    from labkit.tickets import one_family_examples
+
+    first = one_family_examples(5, avoid=[])
+    assert not set(map(str, one_family_examples(5, avoid=first[:2]))) & set(map(str, first[:2]))
