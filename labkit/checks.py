@@ -94,3 +94,19 @@ def check_dpo_pair(loss: float, margin: float, logps: dict[str, float], beta: fl
     if abs(loss - expected_loss) > 1e-4:
         raise AssertionError(f"loss = {loss:.5f}, expected {expected_loss:.5f}: the loss is -log sigmoid(margin).")
     _ok(f"margin {expected_margin:.3f}, loss {expected_loss:.4f} (ln 2 = 0.6931 when the margin is zero).")
+
+
+def check_kappa(kappa: float, judge_says: list[str], truth: list[str]) -> None:
+    """Check the exercise 'compute Cohen's kappa of the judge against the truth by hand'."""
+    n = len(truth)
+    observed = sum(a == b for a, b in zip(judge_says, truth)) / n
+    labels = set(judge_says) | set(truth)
+    expected_agreement = sum((judge_says.count(c) / n) * (truth.count(c) / n) for c in labels)
+    expected = (observed - expected_agreement) / (1 - expected_agreement)
+    if not isinstance(kappa, (int, float)) or not math.isclose(kappa, expected, abs_tol=1e-9):
+        raise AssertionError(
+            f"kappa = {kappa}, expected {expected:.4f}: p_o is the share of items where the two agree "
+            f"({observed:.4f} here); p_e sums, over every label, the product of how often each rater uses it "
+            f"({expected_agreement:.4f} here); kappa = (p_o - p_e) / (1 - p_e)."
+        )
+    _ok(f"kappa = {expected:.3f}: observed agreement {observed:.3f}, chance agreement {expected_agreement:.3f}.")
