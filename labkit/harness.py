@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,23 +82,31 @@ def run_lm_eval(model, tokenizer, folder: Path | str, name: str = TASK_NAME, bat
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    # lm-eval logs two WARNINGs whenever it is handed a model object instead of a name (and "num_fewshot
+    # overwritten" for every task): expected here, and a pink stderr block in a notebook. Errors still show.
+    quiet = logging.getLogger("lm_eval")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     start = time.perf_counter()
     # The precision labkit.evaluate.generate runs in: lm-eval wraps generation in its own torch.autocast, disabled
     # unless told a dtype (which would switch ours off), and model_autocast adds labkit's fp32 attention on CPU.
     amp_dtype = pick_amp_dtype(next(model.parameters()).device.type)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=amp_dtype)
-    with model_autocast(model):
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[name],
-            task_manager=TaskManager(include_path=str(folder), include_defaults=False),  # ours only: no scan of all
-            apply_chat_template=True,  # the tokenizer's chat template, as labkit.evaluate.generate applies it
-            num_fewshot=0,
-            limit=limit,
-            bootstrap_iters=0,  # no stderr (100 000 resamples by default): the notebook has its own CI
-            log_samples=True,  # keep the per-probe prompts and replies
-            random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # greedy: leave global RNGs alone
-        )
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=amp_dtype)
+        with model_autocast(model):
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[name],
+                task_manager=TaskManager(include_path=str(folder), include_defaults=False),  # ours only: no scan of all
+                apply_chat_template=True,  # the tokenizer's chat template, as labkit.evaluate.generate applies it
+                num_fewshot=0,
+                limit=limit,
+                bootstrap_iters=0,  # no stderr (100 000 resamples by default): the notebook has its own CI
+                log_samples=True,  # keep the per-probe prompts and replies
+                random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # greedy: leave global RNGs alone
+            )
+    finally:
+        quiet.setLevel(level)
     seconds = time.perf_counter() - start  # lm-eval's whole run: wrapping the model, loading the file, generating
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     return ProbeRun(
