@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
                         module=r"transformers\.modeling_utils")
 # 3. ... and renamed TrainingArguments' `gradient_checkpointing` to `activation_checkpointing`; TRL's
 #    configs (SFTConfig, DPOConfig) still set the old one by default, so every TRL config triggers it.
-#    labkit keeps the old name because its lower bound (transformers 5.0) has only that one.
+#    labkit keeps the old name because its lower bound (transformers 5.6) has only that one.
 warnings.filterwarnings("ignore", message=r"`gradient_checkpointing` is deprecated", category=FutureWarning,
                         module=r"transformers\.training_args")
 

@@ -325,4 +325,6 @@ def wizard():
     boxes = {q.key: widgets.Checkbox(value=False, description=q.text, indent=False,
                                      layout=widgets.Layout(width="auto"))
              for q in QUESTIONS[:3]}
-    return widgets.interactive(show, **boxes)
+    form = widgets.interactive(show, **boxes)
+    form.update()  # ipywidgets 8 runs `show` on construction, 7.x (Colab's 7.7) only on the first change: run it now
+    return form
