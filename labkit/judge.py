@@ -355,7 +355,7 @@ A_OR_B = ["A", "B"]
 
 # Written from data/README.md's label rules before the judge's first answer was seen. Notebook 07 compares two
 # designs on VALIDATION tickets (this rubric as the system prompt vs one short question per field) and keeps the
-# better one (the short question: 71 % vs 52 % agreement on 48 validation questions when this was written); the
+# better one (the short question: 60 % vs 50 % agreement on 48 validation questions in notebook 07); the
 # agreement it reports on test and hand-written tickets was never used to choose anything.
 RUBRIC = f"""You check the triage of customer support tickets. A triage is JSON with five fields:
 - category, one of {", ".join(CATEGORIES)}: the problem the customer raises first (a second issue after "Also," or "PS:" does not count).
