@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ def parser_for(command: str) -> OneLineParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: LABKIT_THREADS)")
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints in --out and start over")
+    parser.add_argument("--as-processes", type=int, default=1, metavar="N",
+                        help="alone: take each global batch as N processes would (their shards accumulated), "
+                             "the bit-exact reference for a run on N processes")
     if command == "dpo":
         parser.add_argument("--sft-adapter", help="an SFT adapter folder merged into the base first (the reference)")
     for f in fields(config_class(command)):
@@ -154,13 +158,15 @@ def train(command: str, argv: list[str]) -> int:
     model, tokenizer = load_base(args, device)
     out = Path(args.out)
     options = dict(out_dir=out, resume=not args.fresh, plot=False, progress=distributed.is_main())
-    if command == "dpo":
-        result = train_dpo(model, tokenizer, examples, validation, config, **options)
-    else:
-        result = train_sft(model, tokenizer, examples, validation, config, **options)
+    with distributed.simulate(args.as_processes) if args.as_processes > 1 else nullcontext():
+        if command == "dpo":
+            result = train_dpo(model, tokenizer, examples, validation, config, **options)
+        else:
+            result = train_sft(model, tokenizer, examples, validation, config, **options)
     if distributed.is_main():
         (out / "history.json").write_text(json.dumps(result.history, indent=1))
         run = {"command": command, "config": asdict(config), "data": args.data, "processes": distributed.world_size(),
+               "as_processes": args.as_processes,
                "best_step": result.best_step, "history": result.history}
         save_adapter(result.model, out / "adapter", run)
         last = result.history[-1] if result.history else {}

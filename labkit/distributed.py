@@ -9,7 +9,7 @@ Processes talk over gloo on CPU and NCCL on GPU. Without a launcher everything h
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -87,6 +87,34 @@ def shard(indices: list[int], rank_: int | None = None, world: int | None = None
                          f"Fix: use batch_size >= {world} (the global batch; each process takes a share)")
     n = len(indices)
     return indices[rank_ * n // world : (rank_ + 1) * n // world]
+
+
+SIMULATED = {"processes": 1}  # set by simulate(): one process that plays N, for checking a distributed run
+
+
+@contextmanager
+def simulate(processes: int):
+    """Alone, take every global batch as `processes` processes would: each shard a micro-batch, one after another.
+
+    DDP averages the processes' gradients; accumulating the same shards in one process sums the same
+    numbers (halving is exact in floating point), so with 2 processes and grad_accum=1 the step is
+    bit-identical: the reference a distributed run is checked against.
+    """
+    if active():
+        raise ShardError("simulate() is for a single process; this one is one of several already")
+    SIMULATED["processes"] = processes
+    try:
+        yield
+    finally:
+        SIMULATED["processes"] = 1
+
+
+def my_shards(indices: list[int]) -> list[list[int]]:
+    """The parts of a global batch this process runs: its shard, or every shard in turn under simulate()."""
+    world = SIMULATED["processes"]
+    if world > 1:
+        return [shard(indices, r, world) for r in range(world)]
+    return [shard(indices)]
 
 
 def all_sum(values: list[float]) -> list[float]:

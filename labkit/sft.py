@@ -346,9 +346,9 @@ def train_loop(
         for group in optimizer.param_groups:
             group["lr"] = lr
         # the data: this step's micro-batches, padded only to their own longest row
-        # (several processes: each takes its shard of every micro-batch)
-        micro = [objective.collate([rows[i] for i in distributed.shard(schedule[step * config.grad_accum + k])], pad_id)
-                 for k in range(config.grad_accum)]
+        # (several processes: each takes its shard of every micro-batch; distributed.simulate: all shards in turn)
+        micro = [objective.collate([rows[i] for i in part], pad_id) for k in range(config.grad_accum)
+                 for part in distributed.my_shards(schedule[step * config.grad_accum + k])]
         # forward and backward: gradients of the mean loss over every unit (token, pair) of the step
         step_loss, metrics, seen = accumulate_gradients(model, micro, objective, ddp)
         tokens += seen

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from labkit import distributed
 from labkit.distributed import (ShardError, all_sum, backend_for, data_parallel, fsdp_plan, fully_sharded, rank,
                                 shard, world_size)
 
@@ -33,6 +34,12 @@ def test_alone_a_shard_is_the_whole_batch():
 def test_a_batch_smaller_than_the_processes_is_refused():
     with pytest.raises(ShardError, match="batch_size >= 4"):
         shard([1, 2], 1, 4)
+
+
+def test_simulating_processes_runs_every_shard_in_turn():
+    with distributed.simulate(2):
+        assert distributed.my_shards([4, 5, 6, 7]) == [[4, 5], [6, 7]]
+    assert distributed.my_shards([4, 5, 6, 7]) == [[4, 5, 6, 7]]
 
 
 def test_gloo_between_cpu_processes_and_nccl_between_gpus():
@@ -102,6 +109,23 @@ def test_two_processes_log_the_losses_of_one(one_and_two):
     one, two = (losses(out) for out in one_and_two)
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_playing_two(tiny_setup):
+    """The same 6-step run on one process that takes each global batch as two processes would."""
+    out = tiny_setup / "p1x2"
+    subprocess.run([*sft_command(tiny_setup, out, 1), "--as-processes", "2"], cwd=ROOT, env=ENV, check=True,
+                   capture_output=True, timeout=600)
+    return out
+
+
+def test_two_processes_are_bit_identical_to_one_that_accumulates_their_shards(one_and_two, one_playing_two):
+    from safetensors.torch import load_file
+
+    assert losses(one_and_two[1]) == losses(one_playing_two)
+    two, one = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (one_and_two[1], one_playing_two))
+    assert all(torch.equal(two[name], one[name]) for name in one)
 
 
 def test_two_processes_save_the_adapter_of_one(one_and_two):
