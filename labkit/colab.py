@@ -6,7 +6,9 @@ every notebook; tests/test_notebooks.py fails if a notebook's copy differs.
 
 from __future__ import annotations
 
+import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +28,26 @@ if "google.colab" in sys.modules:
     os.chdir(os.path.join(HOME, "notebooks"))'''
 
 COLAB_CELL_INDEX = 1  # after the title cell
+
+
+def on_colab() -> bool:
+    """True inside a Google Colab runtime."""
+    return "google.colab" in sys.modules
+
+
+def install_on_colab(requirement: str, why: str, no_deps: bool = False) -> bool:
+    """On Colab, pip-install what one notebook needs the first time it needs it (True); elsewhere do nothing (False).
+
+    The Colab cell installs only what every notebook needs; 07's judge and harness and 08's server need more
+    (a llama.cpp build takes minutes), so they ask for it here instead of making every notebook wait.
+    """
+    if not on_colab():
+        return False
+    print(f"Colab: installing {requirement} for {why} (once per runtime) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *(["--no-deps"] if no_deps else []), requirement],
+                   check=True)
+    importlib.invalidate_caches()
+    return True
 
 
 def notebooks_dir() -> Path:

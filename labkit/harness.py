@@ -7,11 +7,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from labkit import LabkitError
+from labkit.colab import install_on_colab
 from labkit.evaluate import PROBE_TOKENS, generate, probe_conversations, score_probes
 from labkit.paths import data_dir
 from labkit.runtime import model_autocast, pick_amp_dtype
 
 TASK_NAME = "labkit_probes"
+LM_EVAL = "lm-eval==0.4.13"  # the version the Makefile installs (--no-deps) and the tests ran
 
 # The task's metric, next to its YAML: lm-eval loads it by file (`!function utils.process_results`), and it
 # calls labkit's own rule, so the two harnesses cannot disagree on what counts as a correct answer.
@@ -78,7 +81,13 @@ def write_task(folder: Path | str, probes_path: Path | str | None = None, name: 
 def run_lm_eval(model, tokenizer, folder: Path | str, name: str = TASK_NAME, batch_size: int = 32,
                 limit: int | None = None) -> ProbeRun:
     """Score an already-loaded model on the task in `folder` with lm-eval's `simple_evaluate` (offline)."""
-    import lm_eval
+    try:
+        import lm_eval
+    except ImportError:
+        # lm-eval without its dependencies: its pytablewriter chain would change packages Colab has imported
+        if not install_on_colab(LM_EVAL, "the evaluation harness", no_deps=True):
+            raise LabkitError(f"lm-eval is not installed. Fix: pip install --no-deps {LM_EVAL}") from None
+        import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 

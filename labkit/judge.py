@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from labkit import LabkitError
 from labkit.checkpoint import sha256
+from labkit.colab import install_on_colab
 from labkit.paths import cache_root
 from labkit.tickets import CATEGORIES, FIELDS, PRIORITIES, PRODUCTS, SENTIMENTS
 
@@ -230,6 +231,13 @@ UNPARSED = "unparsed"  # what choose() returns when the answer starts with none 
 
 def load_llama(path: Path, threads: int):
     """The GGUF on llama.cpp with the judge's settings: 2048 tokens of context, batches of 512, seed 0, quiet."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        from labkit.serve import ENGINE, INSTALL
+
+        if not install_on_colab(ENGINE, "the LLM judge"):
+            raise LabkitError(f"the judge runs on llama.cpp, which is not installed. Fix: {INSTALL}") from None
     import llama_cpp.llama_cpp as api
     from llama_cpp import Llama
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import LabkitError
+from labkit.colab import install_on_colab
 
 ENGINE = "llama-cpp-python[server]==0.3.36"
 INSTALL = f'pip install "{ENGINE}"   (builds llama.cpp from source: needs cmake and a C++ compiler, ~10 min once)'
@@ -36,6 +37,8 @@ def engine_required() -> bool:
 def check_engine() -> bool:
     """True if the engine is here; False (after printing what to install) if not; raises when it is required."""
     missing = engine_missing()
+    if missing and install_on_colab(ENGINE, "the serving engine"):
+        missing = engine_missing()
     if missing and engine_required():
         raise LabkitError(missing + " (LABKIT_REQUIRE_ENGINE=1 is set, so the serving cells may not skip)")
     if missing:

@@ -9,6 +9,7 @@ That step needs the package index; without it, it skips.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -109,3 +110,62 @@ def test_installing_on_colab_changes_no_preinstalled_package(colab):
     changed = {name: f"{COLAB_PREINSTALLED[name]} -> {planned[name]}" for name in COLAB_PREINSTALLED if name in planned}
     print("pip would change on Colab:", changed or "nothing")
     assert set(changed) == set(CHANGED_ON_COLAB), f"installing labkit[colab] on Colab would change {changed}"
+
+
+def test_off_colab_nothing_is_installed_on_demand(monkeypatch):
+    from labkit.colab import install_on_colab
+
+    calls = []
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: calls.append(cmd))
+    assert install_on_colab("lm-eval==0.4.13", "a test") is False and calls == []
+
+
+def test_on_colab_a_notebook_installs_what_only_it_needs_when_it_first_needs_it(monkeypatch):
+    from labkit.colab import install_on_colab
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: calls.append(cmd))
+    assert install_on_colab("lm-eval==0.4.13", "the harness", no_deps=True) is True
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "--no-deps", "lm-eval==0.4.13"]]
+
+
+# Every third-party module a notebook imports, and where Colab gets it: preinstalled, or the `colab` extra
+# (by its distribution name). A new import in a notebook fails here until someone decides how Colab gets it.
+COLAB_PREINSTALLED_MODULES = {"torch", "transformers", "peft", "accelerate", "datasets", "matplotlib", "numpy",
+                              "pandas", "ipywidgets", "IPython", "safetensors"}
+FROM_THE_COLAB_EXTRA = {"trl": "trl", "bitsandbytes": "bitsandbytes", "rouge_score": "rouge-score",
+                        "sacrebleu": "sacrebleu"}
+
+
+def notebook_imports() -> dict[str, set[str]]:
+    """Top-level third-party modules imported by the notebooks' code cells -> the notebooks importing them."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
+        for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+            if cell["cell_type"] != "code":
+                continue
+            code = "\n".join(line for line in "".join(cell["source"]).splitlines() if not line.lstrip().startswith(("%", "!")))
+            for node in ast.walk(ast.parse(code)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+                for name in names:
+                    found.setdefault(name.split(".")[0], set()).add(path.name[:2])
+    return {m: nbs for m, nbs in found.items() if m not in sys.stdlib_module_names and m != "labkit"}
+
+
+def test_every_module_a_notebook_imports_is_on_colab_or_in_the_colab_extra():
+    unaccounted = {m: sorted(nbs) for m, nbs in notebook_imports().items()
+                   if m not in COLAB_PREINSTALLED_MODULES and m not in FROM_THE_COLAB_EXTRA}
+    assert not unaccounted, f"imported by notebooks (module: notebooks) but not installed on Colab: {unaccounted}"
+
+
+def test_the_colab_extra_lists_what_the_notebooks_need_beyond_colab():
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["colab"]
+    names = {re.split(r"[<>=\[ ]", req)[0].lower() for req in extra}
+    assert set(FROM_THE_COLAB_EXTRA.values()) <= names
