@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.labkit-installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup judge lab test data clean-venv
+.PHONY: setup judge lab test data outputs site clean-venv
 
 $(STAMP): requirements-lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,16 @@ lab: setup
 test: setup judge
 	HF_HUB_OFFLINE=1 LABKIT_REQUIRE_ENGINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=600 --nbval-sanitize-with .ci/sanitize.cfg -q -rfE
+
+# Re-execute the notebooks whose stored outputs are older than their code (all of them: `make outputs ALL=1`),
+# clean and stamp the outputs (labkit/outputs.py); tests/test_outputs.py fails while any is stale.
+outputs: setup judge
+	HF_HUB_OFFLINE=1 $(PY) -m labkit.outputs $(if $(ALL),--all)
+
+# The course as a static website in site/ (labkit/site.py): executes every notebook (caches keep it to
+# minutes), then one HTML page per notebook and a contents page. STORED=1 renders the stored outputs instead.
+site: setup judge
+	HF_HUB_OFFLINE=1 $(PY) -m labkit.site $(if $(STORED),--stored)
 
 data: setup
 	$(PY) -m labkit.datagen data

@@ -14,7 +14,8 @@ from pathlib import Path
 
 REPO_URL = "https://github.com/labkit-course/labkit"
 
-COLAB_CELL = f'''# Colab only: fetch the course (labkit + data) and install what Colab lacks (trl, bitsandbytes).
+COLAB_CELL = f'''# Colab only: fetch the course (labkit + data) and install what Colab lacks (labkit[colab] in pyproject.toml:
+# trl, bitsandbytes, rouge-score, sacrebleu, the embedding model); 07 and 08 add their engine when they need it.
 # Everything else Colab already has at versions labkit accepts, so no runtime restart is needed.
 # Elsewhere this cell does nothing. LABKIT_REPO / LABKIT_COLAB_DIR override where from and where to.
 import os, subprocess, sys
