@@ -16,7 +16,7 @@ from labkit.evaluate import generate, score_triage
 from labkit.models import load_model
 from labkit.paths import data_dir
 from labkit.runtime import detect
-from labkit.sft import SFTConfig, cached_sft
+from labkit.sft import cached_sft, course_config
 from labkit.tickets import label_of, prompt_conversations
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
@@ -24,9 +24,7 @@ rt = detect(seed=0)
 budget = rt.settings
 base, tokenizer = load_model(rt.model_name, dtype=rt.dtype, device=rt.device)
 train, validation, test = (read_jsonl(data_dir() / f"{s}.jsonl") for s in ["train", "validation", "test"])
-config = SFTConfig(steps=budget["sft_steps"], batch_size=budget["batch_size"], lr=budget["sft_lr"], r=16, lora_alpha=32,
-                   lora_dropout=0.0, target_modules="all-linear", eval_every=budget["eval_every"], warmup_ratio=0.05,
-                   seed=0)  # notebook 05's configuration
+config = course_config(budget)  # notebook 05's configuration
 result, folder = cached_sft(copy.deepcopy(base), tokenizer, rt.model_name, train, validation[: budget["val_examples"]],
                             config, plot=False)
 unmerged = result.model

@@ -185,6 +185,17 @@ class SFTConfig:
     seed: int = 0  # adapter init, batch order and dropout: the same seed gives the same run
 
 
+def course_config(budget: dict) -> SFTConfig:
+    """Notebook 05's main run for this machine's budget; 06, 07 and 08 load its adapter from the cache."""
+    return SFTConfig(
+        steps=budget["sft_steps"], batch_size=budget["batch_size"], lr=budget["sft_lr"],
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+        eval_every=budget["eval_every"], warmup_ratio=0.05,
+        patience=2,  # stop after two evaluations without a new best validation loss
+        seed=0,
+    )
+
+
 @dataclass
 class SFTResult:
     """What a run produced: the model with its best adapter, and the logged history."""

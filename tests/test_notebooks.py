@@ -37,5 +37,23 @@ def test_both_profiles_have_the_same_keys():
 
 @pytest.mark.parametrize("key", sorted(set(PROFILES["cpu"]) - {"model"}))
 def test_every_profile_key_is_read_by_a_notebook(key):
-    readers = [p.name for p in NOTEBOOKS if re.search(rf"""budget\[["']{key}["']\]""", code_of(p))]
+    course_config = (Path(__file__).resolve().parent.parent / "labkit" / "sft.py").read_text()  # 05's main run
+    sources = {p.name: code_of(p) for p in NOTEBOOKS} | {"labkit.sft.course_config": course_config}
+    readers = [name for name, code in sources.items() if re.search(rf"""budget\[["']{key}["']\]""", code)]
     assert readers, f"PROFILES[...][{key!r}] is read by no notebook: use it or remove it"
+
+
+def test_notebooks_that_build_on_05_load_its_run_through_course_config():
+    """06, 07 and 08 reuse 05's adapter from the cache: a config copied by hand would drift and retrain silently."""
+    users = [p.name for p in NOTEBOOKS if "sft_config = course_config(budget)" in code_of(p)]
+    assert users == ["06_dpo.ipynb", "07_evaluation.ipynb", "08_merge_deploy.ipynb"]
+    assert "config = course_config(budget)" in code_of(NOTEBOOKS[5])
+    assert not any('batch_size=budget["batch_size"], lr=budget["sft_lr"]' in code_of(p) for p in NOTEBOOKS)
+
+
+def test_the_course_run_can_stop_early():
+    from labkit.sft import course_config
+
+    for profile in PROFILES.values():
+        config = course_config(profile)
+        assert config.patience and config.steps // config.eval_every > config.patience
