@@ -132,10 +132,10 @@ def dropped(nb: dict) -> dict[str, int]:
     return counts
 
 
-def refresh(path: str | Path) -> float:
+def refresh(path: str | Path, timeout_s: int = 600) -> float:
     """Execute a notebook, clean its outputs, stamp it and write it back; the seconds it took."""
     started = time.perf_counter()
-    executed = execute(path)
+    executed = execute(path, timeout_s)
     if extra := dropped(executed):
         print(f"{Path(path).name}: not stored: {extra}", file=sys.stderr)
     nb = clean(executed)
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="notebook files or name prefixes (e.g. 03); default: every stale one")
     parser.add_argument("--check", action="store_true", help="list stale notebooks and exit 1 if any")
     parser.add_argument("--all", action="store_true", help="refresh every notebook, stale or not")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds one cell may run (default 600, as nbval)")
     args = parser.parse_args(argv)
     paths = sorted(notebooks_dir().glob("[0-9]*.ipynb"))
     if args.names:
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if any(stale.values()) else 0
     for p in todo:
         print(f"{p.name}: executing ...", file=sys.stderr, flush=True)
-        print(f"{p.name}: refreshed in {refresh(p):.0f} s", file=sys.stderr, flush=True)
+        print(f"{p.name}: refreshed in {refresh(p, args.timeout):.0f} s", file=sys.stderr, flush=True)
     if not todo:
         print("every notebook's stored outputs match its source", file=sys.stderr)
     return 0
