@@ -49,10 +49,10 @@ test: setup judge
 outputs: setup judge
 	HF_HUB_OFFLINE=1 $(PY) -m labkit.outputs $(if $(ALL),--all)
 
-# The course as a static website in site/ (labkit/site.py): executes every notebook (caches keep it to
-# minutes), then one HTML page per notebook and a contents page. STORED=1 renders the stored outputs instead.
+# The course as a static website in site/ (labkit/site.py): stored outputs whose stamps match the code are used as
+# they are, the other notebooks are executed first (ALL=1: every notebook). STORED=1 renders what is stored, stale or not.
 site: setup judge
-	HF_HUB_OFFLINE=1 $(PY) -m labkit.site $(if $(STORED),--stored)
+	HF_HUB_OFFLINE=1 $(PY) -m labkit.site $(if $(STORED),--stored) $(if $(ALL),--all)
 
 data: setup
 	$(PY) -m labkit.datagen data

@@ -1,7 +1,8 @@
 """The course as a static website: one HTML page per executed notebook and a contents page, built with nbconvert.
 
-`make site` executes every notebook into site/_executed (the caches keep it to minutes) and renders
-that; `python -m labkit.site --stored` renders the notebooks' stored outputs as they are, in seconds.
+`make site` renders each notebook's stored outputs when their stamps match its code (labkit.outputs: a stored
+run is the cache of that run) and executes the others first (missing or stale outputs; `--all`: every one);
+`python -m labkit.site --stored` renders what is stored as it is, in seconds.
 Open site/index.html in a browser, or publish the folder on any static host (GitHub Pages, S3, ...).
 """
 
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from labkit.outputs import clean, execute, notebooks_dir, read_notebook, source_text, write_notebook
+from labkit.outputs import clean, execute, notebooks_dir, read_notebook, rendered, source_text, stale_cells, write_notebook
 
 NAV_STYLE = ("nav.labkit{display:flex;justify-content:space-between;margin:.5rem auto;padding:.5rem 1rem;"
              "font-family:system-ui,sans-serif;border-bottom:1px solid #ddd}nav.labkit a{text-decoration:none}")
@@ -64,8 +65,18 @@ def contents_page(entries: list[tuple[str, str, list[tuple[int, str]]]]) -> str:
             f"Run them yourself: <code>make lab</code>.</p><ol>{''.join(items)}</ol></body></html>")
 
 
-def build(out: str | Path = "site", execute_first: bool = True) -> list[Path]:
-    """Build the site into `out` (executing every notebook first, or from stored outputs); the pages written."""
+def needs_run(path: Path) -> bool:
+    """Whether a notebook's stored outputs cannot stand for a run of its current code (none, or stale)."""
+    nb = read_notebook(path)
+    return not rendered(nb) or bool(stale_cells(nb))
+
+
+def build(out: str | Path = "site", execute_first: bool = True, execute_all: bool = False) -> list[Path]:
+    """Build the site into `out`; the pages written.
+
+    execute_first: run each notebook whose stored outputs are missing or older than its code (a stored run whose
+    stamps match the code is that run's cache); execute_all: run every notebook; neither: render what is stored.
+    """
     out = Path(out)
     sources = sorted(notebooks_dir().glob("[0-9]*.ipynb"))
     staging = out.with_name(out.name + ".tmp")
@@ -73,7 +84,7 @@ def build(out: str | Path = "site", execute_first: bool = True) -> list[Path]:
     (staging / "_executed").mkdir(parents=True)
     notebooks = []
     for path in sources:
-        if execute_first:
+        if execute_all or (execute_first and needs_run(path)):
             started = time.perf_counter()
             print(f"{path.name}: executing ...", file=sys.stderr, flush=True)
             executed = staging / "_executed" / path.name
@@ -91,8 +102,7 @@ def build(out: str | Path = "site", execute_first: bool = True) -> list[Path]:
         (staging / pages[k][0]).write_text(page, encoding="utf-8")
     entries = [(href, name, headings(read_notebook(p))) for (href, name), p in zip(pages, notebooks)]
     (staging / "index.html").write_text(contents_page(entries), encoding="utf-8")
-    if not execute_first:
-        shutil.rmtree(staging / "_executed")
+    shutil.rmtree(staging / "_executed")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)  # all or nothing: a failed build leaves the previous site as it was
     return [out / href for href, _ in pages]
@@ -102,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m labkit.site [--out DIR] [--stored]`: build the course website."""
     parser = argparse.ArgumentParser(prog="python -m labkit.site", description=main.__doc__)
     parser.add_argument("--out", default="site", help="folder to write (replaced as a whole)")
-    parser.add_argument("--stored", action="store_true", help="render the stored outputs instead of executing")
+    parser.add_argument("--stored", action="store_true", help="render the stored outputs, even stale ones; run nothing")
+    parser.add_argument("--all", action="store_true", help="execute every notebook, even those with fresh outputs")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    pages = build(args.out, execute_first=not args.stored)
+    pages = build(args.out, execute_first=not args.stored, execute_all=args.all)
     print(f"site: {len(pages)} notebook pages and index.html in {args.out}/ ({time.perf_counter() - started:.0f} s); "
           f"open {Path(args.out).resolve() / 'index.html'}")
     return 0

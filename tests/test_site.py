@@ -44,3 +44,30 @@ def test_headings_are_read_from_markdown():
     nb = {"cells": [{"cell_type": "markdown", "source": ["# Title\n", "text\n", "## Part one"]},
                     {"cell_type": "code", "source": ["# not a heading"]}]}
     assert headings(nb) == [(1, "Title"), (2, "Part one")]
+
+
+def test_make_site_executes_only_notebooks_whose_stored_outputs_are_missing_or_stale(tmp_path, monkeypatch):
+    import labkit.site as site_module
+    from labkit.outputs import clean, write_notebook
+
+    def toy(source: str, stored: bool) -> dict:
+        cell = {"cell_type": "code", "metadata": {}, "source": [source], "execution_count": 1 if stored else None,
+                "outputs": [{"output_type": "stream", "name": "stdout", "text": ["1\n"]}] if stored else []}
+        nb = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": ["# Toy"]}, cell], "metadata": {},
+              "nbformat": 4, "nbformat_minor": 5}
+        return clean(nb) if stored else nb
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    stale = toy("print(1)", stored=True)
+    stale["cells"][1]["source"] = ["print(2)"]  # edited after its run was stored
+    for name, nb in {"00_fresh.ipynb": toy("print(1)", True), "01_stale.ipynb": stale,
+                     "02_never_run.ipynb": toy("print(1)", False)}.items():
+        write_notebook(folder / name, nb)
+    executed = []
+    monkeypatch.setattr(site_module, "notebooks_dir", lambda: folder)
+    monkeypatch.setattr(site_module, "execute", lambda path: executed.append(path.name) or read_notebook(path))
+    build(tmp_path / "site")
+    assert executed == ["01_stale.ipynb", "02_never_run.ipynb"]
+    assert sorted(p.name for p in (tmp_path / "site").glob("*.html")) == [
+        "00_fresh.html", "01_stale.html", "02_never_run.html", "index.html"]
