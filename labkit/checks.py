@@ -11,10 +11,12 @@ from numbers import Real
 
 import torch
 
+from labkit.coverage import distinct_n
 from labkit.dataprep import jaccard, shingles
 from labkit.decide import gpu_tier
 from labkit.memory import linear_dims, lora_trainable_params, shape_from_config
 from labkit.quant import nf4_code
+from labkit.tickets import normalise
 
 NOT_ANSWERED = ("Not answered yet: replace the ... in the cell above with your code "
                 "(the solution is in the collapsed cell below).")
@@ -183,3 +185,19 @@ def check_kappa(kappa: float, judge_says: list[str], truth: list[str]) -> bool:
             f"({expected_agreement:.4f} here); kappa = (p_o - p_e) / (1 - p_e)."
         )
     return _ok(f"kappa = {expected:.3f}: observed agreement {observed:.3f}, chance agreement {expected_agreement:.3f}.")
+
+
+def check_distinct_n(ratio: float, texts: list[str], n: int) -> bool:
+    """Check the exercise 'distinct-n of a list of tickets by hand': distinct word n-grams over all of them."""
+    if _blank(ratio):
+        return False
+    expected = distinct_n(texts, n)
+    grams = [tuple(w[i : i + n]) for w in (normalise(t).split() for t in texts) for i in range(len(w) - n + 1)]
+    if not isinstance(ratio, Real) or not math.isclose(ratio, expected, abs_tol=1e-9):
+        raise AssertionError(
+            f"ratio = {ratio}, expected {expected:.4f}: the {len(texts)} tickets hold {len(grams)} word {n}-grams, "
+            f"{len(set(grams))} of them different. Normalise each ticket (normalise: lower case, letters and digits "
+            f"only), split it into words, take every run of {n} consecutive words inside one ticket (never across "
+            f"two tickets), and divide the number of different n-grams by the number of all of them."
+        )
+    return _ok(f"distinct-{n} = {expected:.3f}: {len(set(grams))} different of {len(grams)} word {n}-grams.")

@@ -256,3 +256,37 @@ def test_kappa_checker_accepts_cohens_kappa():
 
 def test_kappa_accepts_the_reference_solution():
     assert check_kappa(kappa_solution(JUDGE, TRUTH), JUDGE, TRUTH) is True
+
+
+# ---------------------------------------------------------------- 02: distinct-n of a list of tickets
+
+from labkit.checks import check_distinct_n  # noqa: E402  (appended with its exercise)
+
+TICKETS = ["My parcel is late. My parcel is lost!", "my parcel is LATE", "The kettle leaks."]
+
+
+def distinct_n_solution(texts: list[str], n: int) -> float:
+    grams = [tuple(words[i : i + n]) for words in (normalise(t).split() for t in texts)
+             for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams)
+
+
+def test_distinct_n_blank_returns_false_and_says_not_answered(capsys):
+    assert check_distinct_n(..., TICKETS, 2) is False
+    assert says_not_answered(capsys)
+
+
+def test_distinct_n_rejects_n_grams_across_tickets_and_says_to_stay_inside_one():
+    joined = distinct_n_solution([" ".join(TICKETS)], 2)  # one long text: n-grams that cross two tickets
+    with pytest.raises(AssertionError, match="never across"):
+        check_distinct_n(joined, TICKETS, 2)
+
+
+def test_distinct_n_rejects_unnormalised_text():
+    raw = [tuple(t.split()[i : i + 2]) for t in TICKETS for i in range(len(t.split()) - 1)]
+    with pytest.raises(AssertionError, match="Normalise each ticket"):
+        check_distinct_n(len(set(raw)) / len(raw), TICKETS, 2)
+
+
+def test_distinct_n_accepts_the_reference_solution():
+    assert check_distinct_n(distinct_n_solution(TICKETS, 2), TICKETS, 2) is True
