@@ -33,9 +33,13 @@ PROFILES: dict[str, dict] = {
         # 05: the running example's SFT (06-08 build on this adapter); steps x batch x lr from benchmarks/budget_sweep.py
         "batch_size": 4, "sft_steps": 120, "sft_lr": 2e-3, "eval_every": 40, "val_examples": 24,
         "baseline_examples": 20, "overfit_steps": 20,
+        "full_ft_lr": 5e-5,  # 05: full fine-tuning on the main run's batches (every weight moves: a far lower lr)
         # 06: reference SFT on replies, then DPO, and the held-out measurements
         "reply_sft_steps": 24, "dpo_steps": 10, "dpo_batch_size": 4, "dpo_lr": 2e-4, "dpo_beta": 0.1,
         "heldout_pairs": 32, "greeting_prompts": 48, "greeting_tokens": 10, "triage_tickets": 64,
+        # 06: ORPO (from 05's SFT model, no reference) and KTO (from DPO's reference) on the same pairs
+        "orpo_steps": 24, "orpo_lr": 1e-3, "orpo_beta": 0.1, "kto_steps": 10, "kto_lr": 2e-4, "kto_beta": 0.1,
+        "compare_triage_tickets": 16,
         # 07: test tickets every system is scored on, tickets the LLM judge grades, reply prompts for ROUGE/BLEU
         "eval_tickets": 100, "judge_tickets": 40, "reply_eval_prompts": 32,
         # 08: merged vs unmerged and the 4-bit merge, the served model per quantization level, load and routing
@@ -56,8 +60,11 @@ PROFILES: dict[str, dict] = {
         "qlora_micro_batch": 4, "qlora_lr": 1e-3, "qlora_val": 100, "qlora_show": 3,
         "batch_size": 16, "sft_steps": 300, "sft_lr": 2e-4, "eval_every": 50, "val_examples": 200,
         "baseline_examples": 200, "overfit_steps": 60,
+        "full_ft_lr": 1e-5,
         "reply_sft_steps": 60, "dpo_steps": 150, "dpo_batch_size": 8, "dpo_lr": 5e-5, "dpo_beta": 0.1,
         "heldout_pairs": 100, "greeting_prompts": 100, "greeting_tokens": 16, "triage_tickets": 200,
+        "orpo_steps": 200, "orpo_lr": 2e-4, "orpo_beta": 0.1, "kto_steps": 150, "kto_lr": 5e-5, "kto_beta": 0.1,
+        "compare_triage_tickets": 200,
         "eval_tickets": 200, "judge_tickets": 200, "reply_eval_prompts": 100,
         "deploy_tickets": 200, "deploy_served_tickets": 200, "deploy_concurrency": 8, "deploy_routed_requests": 12,
         "deploy_reply_steps": 60,

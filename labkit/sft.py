@@ -8,7 +8,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -194,6 +194,15 @@ def course_config(budget: dict) -> SFTConfig:
         patience=2,  # stop after two evaluations without a new best validation loss
         seed=0,
     )
+
+
+def recommended_config(budget: dict, effective_batch: int = 32) -> SFTConfig:
+    """The articles' defaults on course_config's token budget: lr 2e-4, cosine with 5 % warmup, effective batch 32
+    by gradient accumulation, weight decay 0.01, LoRA dropout 0.05; the same micro-batches, fewer and larger steps."""
+    main = course_config(budget)
+    accum = max(1, effective_batch // main.batch_size)
+    return replace(main, steps=main.steps // accum, grad_accum=accum, lr=2e-4, warmup_ratio=0.05,
+                   weight_decay=0.01, lora_dropout=0.05, eval_every=max(1, main.eval_every // accum))
 
 
 @dataclass
@@ -447,6 +456,40 @@ def plot_history(history: list[dict], title: str = "LoRA SFT", loss_label: str =
         ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", label="validation")
     ax.set(xlabel="step", ylabel=loss_label, title=title, yscale="log")
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def step_tokens(tokenizer, train: list[dict], config: SFTConfig) -> list[int]:
+    """Tokens (padding excluded) each optimizer step trains on: the batches train_sft draws for this config."""
+    rows = [tokenize_chat(tokenizer, ex["messages"], config.max_length) for ex in train]
+    rows = keep_labelled(rows, SFT, tokenizer.pad_token_id, config.max_length, "train")
+    micro = length_grouped_batches([len(r["input_ids"]) for r in rows], config.batch_size,
+                                   config.steps * config.grad_accum, config.seed)
+    per_micro = [sum(len(rows[i]["input_ids"]) for i in part) for part in micro]
+    return [sum(per_micro[s * config.grad_accum : (s + 1) * config.grad_accum]) for s in range(config.steps)]
+
+
+def plot_runs(runs: dict[str, tuple[list[dict], list[int]]], title: str = "LoRA SFT",
+              loss_label: str = "loss per assistant token"):
+    """Several runs' training and validation losses on one figure, against training tokens seen.
+
+    `runs` maps a name to (history, tokens of each step), e.g. (result.history, step_tokens(...)).
+    """
+    import matplotlib.pyplot as plt
+    from itertools import accumulate
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for k, (name, (history, tokens)) in enumerate(runs.items()):
+        seen = list(accumulate(tokens))
+        color = f"C{k}"
+        ax.plot([seen[h["step"] - 1] for h in history], [h["loss"] for h in history], color=color, lw=1, alpha=0.5,
+                label=f"{name}: train")
+        evals = [h for h in history if "val_loss" in h]
+        ax.plot([seen[h["step"] - 1] for h in evals], [h["val_loss"] for h in evals], "o-", color=color,
+                label=f"{name}: validation")
+    ax.set(xlabel="training tokens seen", ylabel=loss_label, title=title, yscale="log")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

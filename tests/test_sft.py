@@ -182,3 +182,33 @@ def test_cached_run_is_reused_without_retraining(smollm2, examples, tmp_path, mo
     second, again = sft.cached_sft(copy.deepcopy(base), tokenizer, "smollm2", examples[:4], None, cfg)
     assert again == folder and second.history == first.history
     assert sft.run_key("smollm2", examples[:4], cfg) != sft.run_key("smollm2", examples[:5], cfg)
+
+
+def test_cosine_schedule_matches_transformers():
+    from transformers import get_cosine_schedule_with_warmup
+
+    steps, warmup_ratio, lr = 100, 0.05, 1e-3
+    warmup = round(warmup_ratio * steps)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    theirs = []
+    for _ in range(steps + 1):
+        theirs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    # after warmup: the same cosine step for step; during warmup labkit is one step ahead (its first step is not at lr 0)
+    for step in range(steps):
+        expected = theirs[step] if step >= warmup else theirs[step + 1]
+        assert lr_at(step, lr, steps, warmup_ratio) == pytest.approx(expected, rel=1e-9, abs=1e-15), step
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_recommended_config_trains_on_the_same_tokens_as_the_course_run(tokenizer, profile):
+    from labkit.runtime import PROFILES
+    from labkit.sft import course_config, recommended_config, step_tokens
+
+    train = read_jsonl(data_dir() / "train.jsonl")
+    main, rec = course_config(PROFILES[profile]), recommended_config(PROFILES[profile])
+    assert rec.batch_size * rec.grad_accum >= 32 and (rec.lr, rec.weight_decay, rec.lora_dropout) == (2e-4, 0.01, 0.05)
+    assert 0.03 <= rec.warmup_ratio <= 0.05
+    assert sum(step_tokens(tokenizer, train, rec)) == sum(step_tokens(tokenizer, train, main))

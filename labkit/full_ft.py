@@ -1,0 +1,142 @@
+"""Full fine-tuning: every weight trainable, on the same batches and loss as LoRA SFT, for a fair comparison."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from labkit.paths import cache_root
+from labkit.runtime import pick_amp_dtype, pick_device
+from labkit.sft import (
+    SFT,
+    accumulate_gradients,
+    data_digest,
+    keep_labelled,
+    length_grouped_batches,
+    lr_at,
+    validation_loss,
+)
+
+
+@dataclass
+class FullFTConfig:
+    """Everything that defines a full fine-tuning run (and so its cache key); the names mean what SFTConfig's do."""
+
+    steps: int = 40
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-5  # every weight moves: full fine-tuning needs a far lower learning rate than LoRA
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    eval_every: int = 10
+    seed: int = 0  # the same seed as an SFTConfig gives the same batches in the same order
+
+
+@dataclass
+class FullFTResult:
+    """The fully fine-tuned model (best weights by validation loss), its history and training time."""
+
+    model: Any
+    history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    best_val_loss: float = math.inf
+    train_seconds: float = 0.0
+
+
+def train_full(model, tokenizer, train: list[dict], validation: list[dict] | None,
+               config: FullFTConfig) -> FullFTResult:
+    """Fine-tune every weight of `model` with AdamW on chat examples; keep the best weights by validation loss."""
+    torch.manual_seed(config.seed)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    pad_id = tokenizer.pad_token_id
+    rows = keep_labelled([SFT.tokenize(tokenizer, ex, config.max_length) for ex in train], SFT, pad_id,
+                         config.max_length, "train")
+    val_rows = keep_labelled([SFT.tokenize(tokenizer, ex, config.max_length) for ex in validation or []], SFT,
+                             pad_id, config.max_length, "validation")
+    # the same micro-batches, in the same order, as train_sft with the same batch_size, steps x grad_accum and seed
+    schedule = length_grouped_batches([len(r["input_ids"]) for r in rows], config.batch_size,
+                                      config.steps * config.grad_accum, config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    history: list[dict] = []
+    best = {"step": 0, "val_loss": math.inf, "weights": None}
+    model.train()
+    seconds = 0.0
+    for step in range(config.steps):
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config.lr, config.steps, config.warmup_ratio)
+        micro = [SFT.collate([rows[i] for i in schedule[step * config.grad_accum + k]], pad_id)
+                 for k in range(config.grad_accum)]
+        loss, _, _ = accumulate_gradients(model, micro, SFT)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - started
+        record = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
+        if val_rows and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+            record["val_loss"] = validation_loss(model, val_rows, pad_id)
+            if record["val_loss"] < best["val_loss"]:
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = {"step": step + 1, "val_loss": record["val_loss"], "weights": weights}
+        history.append(record)
+    if best["weights"] is not None:
+        model.load_state_dict(best["weights"])  # the best checkpoint, not the last, as train_sft does
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return FullFTResult(model, history, best["step"], best["val_loss"], seconds)
+
+
+def full_ft_key(model_name: str, train: list[dict], validation: list[dict] | None, config: FullFTConfig) -> str:
+    """The cache key of a full fine-tuning run: hash of (model, training and validation data, config)."""
+    key = {"model": model_name, "data": data_digest(train), "validation": data_digest(validation or []),
+           "config": asdict(config), "method": "full"}
+    if (amp := pick_amp_dtype(pick_device())) is not None:
+        key["precision"] = str(amp)
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_full_ft(model, tokenizer, model_name: str, train: list[dict], validation: list[dict] | None,
+                   config: FullFTConfig) -> tuple[FullFTResult, Path]:
+    """The weights and history of an identical earlier full fine-tuning run from labkit's cache, or train and cache it."""
+    from safetensors.torch import load_model, save_model
+
+    folder = cache_root() / "full_ft" / full_ft_key(model_name, train, validation, config)
+    if (folder / "run.json").exists():
+        load_model(model, folder / "model.safetensors", device=str(next(model.parameters()).device))
+        model.requires_grad_(False)
+        return FullFTResult(model.eval(), **json.loads((folder / "run.json").read_text(encoding="utf-8"))), folder
+    result = train_full(model, tokenizer, train, validation, config)
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")  # written whole, then renamed: never half a cache
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(result.model, str(tmp / "model.safetensors"))  # shared tensors (tied embeddings) stored once
+    run = {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "train_seconds")}
+    (tmp / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return result, folder
+
+
+def course_full_config(budget: dict) -> FullFTConfig:
+    """Full fine-tuning on notebook 05's main LoRA run's batches: its steps, batch, schedule and seed; a lower lr."""
+    from labkit.sft import course_config
+
+    lora = course_config(budget)
+    return FullFTConfig(steps=lora.steps, batch_size=lora.batch_size, grad_accum=lora.grad_accum,
+                        lr=budget["full_ft_lr"], warmup_ratio=lora.warmup_ratio, weight_decay=lora.weight_decay,
+                        max_grad_norm=lora.max_grad_norm, max_length=lora.max_length, eval_every=lora.eval_every,
+                        seed=lora.seed)
