@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from labkit.data import read_jsonl
-from labkit.dpo import DPOConfig, collate_pairs, dpo_loss, tokenize_pair
+from labkit.dpo import DPOConfig, collate_pairs, dpo_loss, reference_logps, sequence_logps, tokenize_pair
 from labkit.paths import data_dir
 from labkit.preference import (
     KTOConfig,
     ORPOConfig,
     collate_kto,
     count_forwards,
+    kl_batch,
     kl_estimate,
     kto_loss,
     kto_losses,
@@ -46,12 +47,12 @@ def vocab_llama(tiny_llama, tokenizer):
                                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
 
 
-def perturb_adapter(model, std: float = 0.05) -> None:
+def perturb_adapter(model, std: float = 0.05, seed: int = 0) -> None:
     """Give LoRA's B matrices non-zero values, so the policy differs from the reference."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, std, generator=torch.Generator().manual_seed(len(name)))
+                p.normal_(0, std, generator=torch.Generator().manual_seed(len(name) + 1000 * seed))
 
 
 # ---------------------------------------------------------------- ORPO, equal to TRL
@@ -116,8 +117,6 @@ def test_orpo_runs_one_forward_pass_and_no_reference(vocab_llama, tokenizer, pai
 def test_orpo_loss_is_the_chosen_nll_plus_the_odds_ratio_term(vocab_llama, tokenizer, pairs):
     batch = collate_pairs([tokenize_pair(tokenizer, p) for p in pairs], tokenizer.pad_token_id)
     model = vocab_llama()
-    from labkit.dpo import sequence_logps
-
     with torch.no_grad():
         summed, sums = orpo_loss(model, batch, beta=BETA)
         mean = sequence_logps(model, batch) / reply_tokens(batch)
@@ -144,10 +143,15 @@ def trl_kto(vocab_llama, tokenizer, pairs):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = KTOTrainer(model=vocab_llama(), args=args, train_dataset=Dataset.from_list(examples),
                          processing_class=tokenizer, peft_config=lora)
-    perturb_adapter(trainer.model)
-    trainer.model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(examples))])
     ours = collate_kto([tokenize_example(tokenizer, e) for e in examples], tokenizer.pad_token_id)
+    for seed in range(20):  # an adapter that moves the policy up on the mismatched pairs, so z0 > 0 is exercised
+        perturb_adapter(trainer.model, seed=seed)  # (which seed does depends on the library versions' model init)
+        with torch.no_grad():
+            z0 = kl_estimate(sequence_logps(trainer.model, kl_batch(ours)), reference_logps(trainer.model, kl_batch(ours)))
+        if z0 > 0:
+            break
+    trainer.model.train()
     return trainer, batch, ours
 
 
