@@ -29,10 +29,12 @@ def test_every_stored_output_belongs_to_the_current_source(path):
     assert stale_cells(read_notebook(path)) == [], f"{path.name}: stale outputs. Fix: make outputs"
 
 
-def test_the_first_notebooks_show_outputs_before_they_are_run():
-    # 00-02 so far; the others get theirs with `make outputs` on a quiet machine (issue 17)
-    for path in NOTEBOOKS[:3]:
-        assert any(c.get("outputs") for c in code_cells(read_notebook(path))), f"{path.name}: no stored outputs"
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_shows_a_run_before_it_is_run(path):
+    """On GitHub, in Colab before running, or in a handout, every notebook shows its plots, tables and numbers."""
+    code = code_cells(read_notebook(path))
+    assert all(c.get("execution_count") for c in code), f"{path.name}: code cells without a stored run. Fix: make outputs"
+    assert sum(bool(c.get("outputs")) for c in code) >= len(code) // 2, f"{path.name}: most cells show nothing"
 
 
 def test_a_notebook_that_stores_no_run_is_not_stale():
