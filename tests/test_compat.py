@@ -31,6 +31,8 @@ APIS = {
     "trl.SFTTrainer": ["trl.SFTTrainer.__init__"],
     "trl.DPOConfig": ["trl.DPOConfig"],
     "trl.DPOTrainer": ["trl.DPOTrainer.__init__"],
+    "trl.KTOConfig": ["trl.KTOConfig"],
+    "trl.KTOTrainer": ["trl.KTOTrainer.__init__"],
     "peft.LoraConfig": ["peft.LoraConfig"],
     "peft.prepare_model_for_kbit_training": ["peft.prepare_model_for_kbit_training"],
     "peft.PeftModel.from_pretrained": ["peft.PeftModel.from_pretrained"],
@@ -46,6 +48,7 @@ APIS = {
     "transformers.PreTrainedModel.gradient_checkpointing_enable":
         ["transformers.PreTrainedModel.gradient_checkpointing_enable"],
     "transformers.LlamaModel.forward": ["transformers.LlamaModel.forward"],
+    "transformers.get_cosine_schedule_with_warmup": ["transformers.get_cosine_schedule_with_warmup"],
     "bitsandbytes.functional.quantize_4bit": ["bitsandbytes.functional.quantize_4bit"],
     "bitsandbytes.functional.get_4bit_type": ["bitsandbytes.functional.get_4bit_type"],
 }
