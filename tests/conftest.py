@@ -55,3 +55,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """The first four preference pairs of data/preferences_train.jsonl (DPO, ORPO and KTO tests)."""
+    from labkit.data import read_jsonl
+    from labkit.paths import data_dir
+
+    return read_jsonl(data_dir() / "preferences_train.jsonl")[:4]
+
+
+@pytest.fixture(scope="module")
+def vocab_llama(tiny_llama, tokenizer):
+    """The tiny Llama factory sized for SmolLM2's vocabulary: `vocab_llama(seed=0)`."""
+    return lambda seed=0: tiny_llama(seed, vocab_size=len(tokenizer), max_position_embeddings=512,
+                                     tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from labkit.data import read_jsonl
 from labkit.dpo import (
     METRICS,
     DPOConfig,
@@ -20,23 +19,10 @@ from labkit.dpo import (
     tokenize_pair,
     train_dpo,
 )
-from labkit.paths import data_dir
 from labkit.sft import IGNORE, add_lora
 
 TOL = 1e-5
 BETA = 0.1
-
-
-@pytest.fixture(scope="module")
-def pairs():
-    return read_jsonl(data_dir() / "preferences_train.jsonl")[:4]
-
-
-@pytest.fixture(scope="module")
-def vocab_llama(tiny_llama, tokenizer):
-    """conftest's tiny Llama factory sized for SmolLM2's vocabulary: `vocab_llama(seed=0)`."""
-    return lambda seed=0: tiny_llama(seed, vocab_size=len(tokenizer), max_position_embeddings=512,
-                                     tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
 
 
 def perturb_adapter(model, std: float = 0.05) -> None:

@@ -6,9 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from labkit.data import read_jsonl
 from labkit.dpo import DPOConfig, collate_pairs, dpo_loss, reference_logps, sequence_logps, tokenize_pair
-from labkit.paths import data_dir
 from labkit.preference import (
     KTOConfig,
     ORPOConfig,
@@ -33,18 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-5
 BETA = 0.1
-
-
-@pytest.fixture(scope="module")
-def pairs():
-    return read_jsonl(data_dir() / "preferences_train.jsonl")[:4]
-
-
-@pytest.fixture(scope="module")
-def vocab_llama(tiny_llama, tokenizer):
-    """conftest's tiny Llama factory sized for SmolLM2's vocabulary."""
-    return lambda seed=0: tiny_llama(seed, vocab_size=len(tokenizer), max_position_embeddings=512,
-                                     tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
 
 
 def perturb_adapter(model, std: float = 0.05, seed: int = 0) -> None:
