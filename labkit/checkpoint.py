@@ -251,6 +251,13 @@ def check_adapter_fits(model, folder: Path, expect: dict | None = None) -> None:
 
 def load_cached_adapter(model, folder: Path, expect: dict | None = None) -> tuple[PeftModel, dict] | None:
     """The adapter and run record cached in `folder` on top of `model`, verified first; None if nothing is cached."""
+    if (run := cached_run_record(model, folder, expect)) is None:
+        return None
+    return PeftModel.from_pretrained(model, folder), run
+
+
+def cached_run_record(model, folder: Path, expect: dict | None = None) -> dict | None:
+    """The run record of the adapter cached in `folder` once it is verified complete and fitting `model`; None if absent."""
     if not folder.exists():
         return None
     fix = f"delete {folder}; the next run retrains and caches it again"
@@ -266,4 +273,4 @@ def load_cached_adapter(model, folder: Path, expect: dict | None = None) -> tupl
         raise
     except Exception as e:  # unreadable JSON or safetensors header
         raise CheckpointError(f"{folder}: cached adapter cannot be read ({type(e).__name__}). Fix: {fix}") from None
-    return PeftModel.from_pretrained(model, folder), run
+    return run

@@ -11,14 +11,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from labkit.checkpoint import CheckpointError, cached_run_record, check_writable, save_adapter
+from labkit.paths import cache_root
 from labkit.runtime import model_autocast
-from labkit.sft import IGNORE, Objective, SFTConfig, SFTResult, collate, labelled_logits, train_loop
+from labkit.sft import IGNORE, Objective, SFTConfig, SFTResult, collate, labelled_logits, run_key, train_loop
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -169,6 +173,33 @@ def train_dpo(model, tokenizer, pairs: list[dict], validation: list[dict] | None
     config = config or DPOConfig()
     return train_loop(model, tokenizer, pairs, validation, config, dpo_objective(config.beta, config.loss_type),
                       **kwargs)
+
+
+def cached_dpo(policy: PeftModel, tokenizer, model_name: str, pairs: list[dict], config: DPOConfig,
+               **kwargs) -> tuple[SFTResult, Path]:
+    """Train `policy` with DPO, or copy an identical earlier run's adapter into it from labkit's cache.
+
+    Either way `policy` itself ends trained and trainable (ready for more steps or a gradient check); `model_name`
+    must name its weights without the fresh adapter (the reference's name), as in labkit.sft.cached_sft.
+    """
+    folder = cache_root() / "adapters" / f"dpo-{run_key(model_name, pairs, config)}"
+    if (run := cached_run_record(policy, folder, {"r": config.r, "target_modules": config.target_modules})) is not None:
+        check_fresh(policy, folder)
+        set_peft_model_state_dict(policy, load_file(folder / "adapter_model.safetensors"))
+        return SFTResult(policy, **run), folder
+    check_writable(folder.parent, "set LABKIT_HOME to a folder you can write to")  # before training: never lose a run
+    result = train_dpo(policy, tokenizer, pairs, config=config, **kwargs)
+    run = {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "stopped_early", "tokens_per_s")}
+    save_adapter(result.model, folder, run)
+    return result, folder
+
+
+def check_fresh(policy: PeftModel, folder: Path) -> None:
+    """Raise unless every LoRA B of `policy` is zero: a cached run continues from a fresh adapter, not a trained one."""
+    if any(p.any() for n, p in policy.named_parameters() if "lora_B" in n):
+        raise CheckpointError(f"{folder}: the policy's adapter is already trained, so the cached run (which started "
+                              "from a fresh adapter) is not its continuation. Fix: pass the policy as "
+                              "labkit.sft.add_lora returned it, before any training")
 
 
 # ---------------------------------------------------------------- measuring the preference shift

@@ -1,15 +1,19 @@
-"""Measure memory: bytes in use (malloc or CUDA), the peak of a block of code, a run in a fresh process (notebook 04)."""
+"""Measure memory: bytes in use (malloc or CUDA), the peak of a block of code, a run in a fresh process (notebook 04),
+and that run's result cached by content."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
+import json
 import os
 import pickle
 import subprocess
 import sys
 import tempfile
 import threading
+from pathlib import Path
 
 import torch
 
@@ -181,3 +185,47 @@ def run_isolated(fn, *args, env: dict[str, str] | None = None, **kwargs):
         raise err
     raise IsolatedRunError(f"{getattr(fn, '__name__', fn)} failed in the child process: {text}\n{trace}") from (
         err if isinstance(err, BaseException) else None)
+
+
+def run_key(fn, args: tuple, kwargs: dict) -> str:
+    """A hash naming one call exactly: the function, its module's source, its arguments, the libraries' versions."""
+    import importlib.metadata as md
+    import inspect
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    try:
+        source = inspect.getsource(sys.modules[fn.__module__])
+    except (TypeError, OSError):  # a built-in function: its version is the interpreter's
+        source = sys.version
+    blob = json.dumps({"fn": f"{fn.__module__}.{fn.__qualname__}", "source": source, "args": args, "kwargs": kwargs,
+                       "versions": versions}, sort_keys=True, default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_isolated_run(fn, *args, **kwargs) -> tuple[dict, Path]:
+    """run_isolated(fn, ...)'s result from labkit's cache if this exact call ran before, else run and cache it.
+
+    The key (run_key) covers the function's module source, every argument and the versions of torch, transformers,
+    peft and bitsandbytes, so an edit or an upgrade measures again. Results must be JSON (numbers, text, lists, dicts);
+    delete the file (returned with the result) to measure again on purpose.
+    """
+    from labkit.paths import cache_root
+
+    path = cache_root() / "runs" / f"{fn.__name__}-{run_key(fn, args, kwargs)}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8")), path
+        except json.JSONDecodeError as e:
+            raise LabkitError(f"{path}: cached result is not valid JSON (line {e.lineno}: {e.msg}). "
+                              f"Fix: delete {path}; the next run measures again") from None
+    result = run_isolated(fn, *args, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # written whole, then renamed: never a half-written result
+    tmp.write_text(json.dumps(result), encoding="utf-8")
+    os.replace(tmp, path)
+    return result, path

@@ -43,7 +43,7 @@ PROFILES: dict[str, dict] = {
         # 07: test tickets every system is scored on, tickets the LLM judge grades, reply prompts for ROUGE/BLEU
         "eval_tickets": 100, "judge_tickets": 40, "reply_eval_prompts": 32,
         # 08: merged vs unmerged and the 4-bit merge, the served model per quantization level, load and routing
-        "deploy_tickets": 16, "deploy_served_tickets": 10, "deploy_concurrency": 8, "deploy_routed_requests": 6,
+        "deploy_tickets": 16, "deploy_served_tickets": 8, "deploy_concurrency": 4, "deploy_routed_requests": 6,
         "deploy_reply_steps": 12,
         # 09: the same run on one process and on two (torchrun, gloo)
         "scale_steps": 6, "scale_batch_size": 4, "scale_examples": 64, "scale_max_length": 128,

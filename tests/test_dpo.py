@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
+from labkit.checkpoint import CheckpointError
 from labkit.dpo import (
     METRICS,
     DPOConfig,
+    cached_dpo,
     collate_pairs,
     dpo_loss,
     greets_by_name,
@@ -191,6 +193,31 @@ def test_dpo_training_with_the_sft_loop_raises_the_reward_margin(vocab_llama, to
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert set(METRICS) <= history[-1].keys()
     assert history[-1]["rewards/margins"] > 0 and history[-1]["loss"] < math.log(2)
+
+
+def test_a_cached_dpo_run_puts_the_same_trained_adapter_into_a_fresh_policy(vocab_llama, tokenizer, pairs,
+                                                                            monkeypatch, tmp_path):
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    config = DPOConfig(steps=2, batch_size=2, lr=1e-2, beta=0.5, r=4, lora_alpha=8)
+    first, folder = cached_dpo(add_lora(vocab_llama(), config), tokenizer, "tiny", pairs, config, plot=False,
+                               progress=False)
+    policy = add_lora(vocab_llama(), config)
+    second, again = cached_dpo(policy, tokenizer, "tiny", pairs, config)
+    assert again == folder and second.model is policy and second.history == first.history
+    ours, theirs = dict(first.model.named_parameters()), dict(policy.named_parameters())
+    assert all(torch.equal(p, ours[n]) for n, p in theirs.items() if "lora_" in n)
+    assert any(p.any() for n, p in theirs.items() if "lora_B" in n)
+    assert all(p.requires_grad for n, p in theirs.items() if "lora_" in n)  # still trainable, unlike a loaded peft adapter
+
+
+def test_a_cached_dpo_run_refuses_a_policy_that_has_trained_already(vocab_llama, tokenizer, pairs, monkeypatch,
+                                                                    tmp_path):
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    config = DPOConfig(steps=1, batch_size=2, r=4, lora_alpha=8)
+    trained, _ = cached_dpo(add_lora(vocab_llama(), config), tokenizer, "tiny", pairs, config, plot=False,
+                            progress=False)
+    with pytest.raises(CheckpointError, match="already trained.*Fix: pass the policy as labkit.sft.add_lora"):
+        cached_dpo(trained.model, tokenizer, "tiny", pairs, config)
 
 
 def test_preference_accuracy_is_one_half_when_policy_equals_reference(vocab_llama, tokenizer, pairs):

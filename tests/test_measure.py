@@ -13,6 +13,7 @@ from labkit.measure import (
     IsolatedRunError,
     PeakMemory,
     allocated_bytes,
+    cached_isolated_run,
     current_rss,
     memory_in_use,
     run_isolated,
@@ -169,3 +170,28 @@ def test_run_isolated_refuses_a_function_defined_in_main():
     in_a_notebook_cell.__module__ = "__main__"
     with pytest.raises(LabkitError, match="importable"):
         run_isolated(in_a_notebook_cell)
+
+
+# ---------------------------------------------------------------- cached_isolated_run
+
+
+def test_a_cached_run_returns_the_first_runs_result_without_running_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    first, path = cached_isolated_run(os.getpid)  # a new process has a new pid: equal pids mean it did not run
+    again, same = cached_isolated_run(os.getpid)
+    assert first != os.getpid() and again == first and same == path and path.parent == tmp_path / "runs"
+
+
+def test_a_cached_run_is_keyed_by_its_arguments(monkeypatch, tmp_path):
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    assert cached_isolated_run(int, "ff", base=16)[0] == 255
+    assert cached_isolated_run(int, "ff", base=17)[0] == 270
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_a_damaged_cached_run_names_its_file_and_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    _, path = cached_isolated_run(divmod, 17, 5)
+    path.write_text("[3,")
+    with pytest.raises(LabkitError, match=f"{path}: cached result is not valid JSON.*Fix: delete"):
+        cached_isolated_run(divmod, 17, 5)
