@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from unittest.mock import patch
 
 from labkit import LabkitError
 from labkit.colab import install_on_colab
@@ -96,13 +98,22 @@ def run_lm_eval(model, tokenizer, folder: Path | str, name: str = TASK_NAME, bat
     quiet = logging.getLogger("lm_eval")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    # lm-eval draws its progress bars with plain `tqdm`, which writes text to stderr: in a notebook, a pink block of
+    # half-drawn bars. tqdm.auto draws the same bars as a widget in a notebook and as text elsewhere.
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.models.huggingface
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
     # The precision labkit.evaluate.generate runs in: lm-eval wraps generation in its own torch.autocast, disabled
     # unless told a dtype (which would switch ours off), and model_autocast adds labkit's fp32 attention on CPU.
     amp_dtype = pick_amp_dtype(next(model.parameters()).device.type)
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=amp_dtype)
-        with model_autocast(model):
+        with ExitStack() as bars, model_autocast(model):
+            for module in (lm_eval.api.model, lm_eval.api.task, lm_eval.models.huggingface):
+                bars.enter_context(patch.object(module, "tqdm", tqdm))
             out = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=[name],

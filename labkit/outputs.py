@@ -132,10 +132,26 @@ def dropped(nb: dict) -> dict[str, int]:
     return counts
 
 
+def stderr_outputs(nb: dict) -> list[tuple[int, str]]:
+    """(code cell number, first line) of every output a cell wrote to stderr: a pink block in JupyterLab."""
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    return [(n, "".join(o.get("text", "")).strip().splitlines()[0] if "".join(o.get("text", "")).strip() else "(blank)")
+            for n, cell in enumerate(code, 1) for o in cell.get("outputs", [])
+            if o["output_type"] == "stream" and o.get("name") == "stderr"]
+
+
 def refresh(path: str | Path, timeout_s: int = 600) -> float:
-    """Execute a notebook, clean its outputs, stamp it and write it back; the seconds it took."""
+    """Execute a notebook, clean its outputs, stamp it and write it back; the seconds it took.
+
+    A clean run must not write to stderr (a learner sees it as a pink block): if a cell does, nothing is written.
+    """
     started = time.perf_counter()
     executed = execute(path, timeout_s)
+    if pink := stderr_outputs(executed):
+        cell, line = pink[0]
+        raise LabkitError(f"{Path(path).name}: code cell {cell} wrote to stderr on a clean run ({len(pink)} outputs "
+                          f"in all; first: {line[:200]!r}). Fix: remove the cause, or silence that one named "
+                          "third-party warning at its source with a comment saying why; nothing was written")
     if extra := dropped(executed):
         print(f"{Path(path).name}: not stored: {extra}", file=sys.stderr)
     nb = clean(executed)

@@ -145,10 +145,13 @@ def prompts(page) -> list[str]:
 
 def run_all_cells(page, url: str, name: str) -> int:
     """Open a notebook, run it with Run > Run All Cells, wait until it stops; return how many cells ran (in order)."""
+    start = time.monotonic()
     page.goto(url)
     page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=60_000)
+    opened = time.monotonic()
     # The status bar says "Python 3 (ipykernel) | Idle" once the kernel has started and connected.
     page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"\| Idle")).first.wait_for(timeout=120_000)
+    idle = time.monotonic()
     for attempt in range(3):  # a kernel that is still connecting can swallow the first Run All
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_role("menuitem", name=re.compile(r"^Run All Cells\b")).click()  # the name ends in its shortcut
@@ -170,6 +173,8 @@ def run_all_cells(page, url: str, name: str) -> int:
         timeout=RUN_TIMEOUT_S * 1000, polling=500,
     )
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+    print(f"{name}: page {opened - start:.0f} s, kernel ready {idle - opened:.0f} s, "
+          f"Run All {time.monotonic() - idle:.0f} s")
     # A fresh kernel numbers the cells it runs 1, 2, ...: the highest number is how many ran, in order.
     return max((int(m.group(1)) for p in prompts(page) if (m := re.search(r"\[(\d+)\]", p))), default=0)
 

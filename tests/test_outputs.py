@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from labkit import LabkitError
+from labkit import outputs as labkit_outputs
 from labkit.outputs import (MAX_OUTPUT_BYTES, WIDGET_VIEW, clean, keep, notebooks_dir, oversized, read_notebook,
                             stale_cells)
 
@@ -99,3 +101,17 @@ def test_an_oversized_output_is_found():
     code_cells(nb)[1]["outputs"] = [{"output_type": "display_data", "metadata": {},
                                      "data": {"image/png": "A" * (MAX_OUTPUT_BYTES + 1)}}]
     assert oversized(nb) == [(2, len(json.dumps(code_cells(nb)[1]["outputs"][0])))]
+
+
+def test_a_run_that_writes_to_stderr_is_refused_and_nothing_is_written(monkeypatch, tmp_path):
+    nb = toy_notebook()
+    code_cells(nb)[1]["outputs"] = [{"output_type": "stream", "name": "stderr",
+                                     "text": ["Running requests:  54%|#####     | 65/120\n"]}]
+    path = tmp_path / "toy.ipynb"
+    path.write_text(json.dumps(toy_notebook()))
+    before = path.read_text()
+    monkeypatch.setattr(labkit_outputs, "execute", lambda p, timeout_s=600: copy.deepcopy(nb))
+    with pytest.raises(LabkitError, match=r"toy.ipynb: code cell 2 wrote to stderr on a clean run.*'Running requests:"
+                                          r".*Fix: .*nothing was written"):
+        labkit_outputs.refresh(path)
+    assert path.read_text() == before
