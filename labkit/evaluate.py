@@ -47,7 +47,7 @@ def generate(
 
 
 def cached_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, model_key: str,
-                    progress: bool = True) -> list[str]:
+                    progress: bool = True, batch_size: int = 32) -> list[str]:
     """`generate`'s replies, cached on disk by content: `model_key` (which weights) + the prompts + the length.
 
     `model_key` must name the weights exactly (e.g. the base model's name and the cached adapter folders' names,
@@ -55,12 +55,15 @@ def cached_generate(model, tokenizer, conversations: list[list[dict]], max_new_t
     """
     parameter = next(model.parameters())  # the precision it runs in changes greedy replies, so it is part of the key
     precision = f"{parameter.dtype}, {parameter.device.type}, autocast {pick_amp_dtype(parameter.device.type)}"
-    blob = json.dumps({"model": model_key, "conversations": conversations, "max_new_tokens": max_new_tokens,
-                       "precision": precision}, sort_keys=True)
+    key = {"model": model_key, "conversations": conversations, "max_new_tokens": max_new_tokens, "precision": precision}
+    if batch_size != 32:  # padding differs with the batch, so replies may too; the default stays out of older keys
+        key["batch_size"] = batch_size
+    blob = json.dumps(key, sort_keys=True)
     path = cache_root() / "replies" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))["replies"]
-    replies = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, progress=progress)
+    replies = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")  # written whole, then renamed: never a half-written cache file
     tmp.write_text(json.dumps({"model": model_key, "replies": replies}), encoding="utf-8")

@@ -109,14 +109,15 @@ def test_cached_generate_reads_the_second_call_from_disk(smollm2, tmp_path, monk
     assert len(list((tmp_path / "replies").glob("*.json"))) == 1
 
 
-def test_cached_generate_keys_replies_by_model_and_length(smollm2, tmp_path, monkeypatch):
+def test_cached_generate_keys_replies_by_model_length_and_batch_size(smollm2, tmp_path, monkeypatch):
     import labkit.evaluate as evaluate
 
     monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
     model, tokenizer = smollm2
     calls = []
-    monkeypatch.setattr(evaluate, "generate", lambda m, t, c, max_new_tokens, progress: calls.append(1) or ["x"])
+    monkeypatch.setattr(evaluate, "generate", lambda m, t, c, max_new_tokens, **kw: calls.append(kw) or ["x"])
     conversations = [[{"role": "user", "content": "Say hi."}]]
-    for key, length in [("a", 4), ("b", 4), ("a", 5), ("a", 4)]:
-        evaluate.cached_generate(model, tokenizer, conversations, length, model_key=key, progress=False)
-    assert len(calls) == 3
+    for key, length, batch in [("a", 4, 32), ("b", 4, 32), ("a", 5, 32), ("a", 4, 32), ("a", 4, 64), ("a", 4, 64)]:
+        evaluate.cached_generate(model, tokenizer, conversations, length, model_key=key, progress=False,
+                                 batch_size=batch)
+    assert [c["batch_size"] for c in calls] == [32, 32, 32, 64]
