@@ -187,7 +187,7 @@ def run_isolated(fn, *args, env: dict[str, str] | None = None, **kwargs):
         err if isinstance(err, BaseException) else None)
 
 
-def run_key(fn, args: tuple, kwargs: dict) -> str:
+def call_key(fn, args: tuple, kwargs: dict) -> str:
     """A hash naming one call exactly: the function, its module's source, its arguments, the libraries' versions."""
     import importlib.metadata as md
     import inspect
@@ -210,13 +210,13 @@ def run_key(fn, args: tuple, kwargs: dict) -> str:
 def cached_isolated_run(fn, *args, **kwargs) -> tuple[dict, Path]:
     """run_isolated(fn, ...)'s result from labkit's cache if this exact call ran before, else run and cache it.
 
-    The key (run_key) covers the function's module source, every argument and the versions of torch, transformers,
+    The key (call_key) covers the function's module source, every argument and the versions of torch, transformers,
     peft and bitsandbytes, so an edit or an upgrade measures again. Results must be JSON (numbers, text, lists, dicts);
     delete the file (returned with the result) to measure again on purpose.
     """
     from labkit.paths import cache_root
 
-    path = cache_root() / "runs" / f"{fn.__name__}-{run_key(fn, args, kwargs)}.json"
+    path = cache_root() / "runs" / f"{fn.__name__}-{call_key(fn, args, kwargs)}.json"
     if path.is_file():
         try:
             return json.loads(path.read_text(encoding="utf-8")), path
