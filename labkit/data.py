@@ -2,7 +2,9 @@
 
 Every loader reads through `read_lines`: it checks that the path is a regular file, reads at most
 MAX_BYTES, accepts a UTF-8 byte-order mark, names a file that is not JSON Lines (gzip, UTF-16, one JSON
-array or object) and reports each bad line as `file:line:field: what. Fix: how`.
+array or object) and reports each bad line as `file:line:field: what. Fix: how`. Then `record_issues`
+checks every chat example and preference pair the way training needs it (the one validator: `read_jsonl`,
+the splits, `python -m labkit validate` and `python -m labkit sft|dpo` all use it), before any tokenizing.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class Problem:
     """One problem in a data file: where it is, what is wrong and how to fix it."""
 
     line: int
-    kind: str  # empty, malformed, exact_duplicate, near_duplicate_surface, near_duplicate_word, contradiction, test_leak
+    kind: str  # empty, malformed, too_long, exact_duplicate, near_duplicate_surface, near_duplicate_word, contradiction, test_leak
     field: str
     message: str
     fix: str
@@ -184,15 +186,188 @@ def read_lines(path: str | Path, max_bytes: int = MAX_BYTES) -> tuple[list[tuple
     return good, problems
 
 
+# ---------------------------------------------------------------- records: chat examples and preference pairs
+
+ROLES = ("system", "user", "assistant")
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+# No token of SmolLM2's vocabulary is longer than this many characters (the longest of its 49,152 is 81: a run of
+# spaces; tests/test_validation.py measures it), so a text longer than max_length x CHARS_PER_TOKEN cannot fit in
+# max_length tokens: such an example is refused before the tokenizer spends minutes and gigabytes only to cut it.
+CHARS_PER_TOKEN = 96
+
+Issue = tuple[str, str, str, str]  # one problem of one record: (kind, field, what is wrong, how to fix it)
+
+
+def json_type(value) -> str:
+    """A parsed JSON value's type as JSON names it, with its article: 'null', 'a string', 'a list', 'an object'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def message_issues(message, where: str) -> list[Issue]:
+    """The problems of one chat message: an object with a role (system, user, assistant) and text content."""
+    if not isinstance(message, dict):
+        return [("malformed", where, f"is {json_type(message)}, not a message",
+                 'write each message as {"role": "user", "content": "..."}')]
+    out = []
+    role, content = message.get("role"), message.get("content")
+    if "role" not in message:
+        out.append(("malformed", f"{where}.role", "is missing", "give every message a role: system, user or assistant"))
+    elif not isinstance(role, str):
+        out.append(("malformed", f"{where}.role", f"is {json_type(role)}, not a string", "use system, user or assistant"))
+    elif role not in ROLES:
+        out.append(("malformed", f"{where}.role", f"{role!r} is not a known role", "use system, user or assistant"))
+    if content is None:
+        what = "is missing" if "content" not in message else "is null, not a string"
+        out.append(("malformed", f"{where}.content", what, "give every message its text as a string"))
+    elif isinstance(content, list):
+        out.append(("malformed", f"{where}.content", "is a list of parts, not a string",
+                    "join the parts' text into one string"))
+    elif not isinstance(content, str):
+        out.append(("malformed", f"{where}.content", f"is {type(content).__name__}, not a string",
+                    "store the text as a string"))
+    elif not content.strip() and role != "system":
+        who = role if isinstance(role, str) else "?"
+        out.append(("empty", f"{where}.content", f"the {who} turn is empty", "drop the record or write the missing text"))
+    return out
+
+
+def too_long(chars: int, max_length: int | None, field: str) -> list[Issue]:
+    """A problem if `chars` characters cannot fit in max_length tokens (none when max_length is None)."""
+    if max_length is None or chars <= max_length * CHARS_PER_TOKEN:
+        return []
+    return [("too_long", field, f"holds {chars:,} characters, more than max_length={max_length} tokens can hold "
+             f"(at most {max_length * CHARS_PER_TOKEN:,}: {CHARS_PER_TOKEN} per token)",
+             "shorten it, split it or drop the line, or raise max_length")]
+
+
+def chat_issues(messages, max_length: int | None = None, field: str = "messages") -> list[Issue]:
+    """The problems of one chat example's messages: what SFT needs (a user turn first, an assistant turn last)."""
+    if not isinstance(messages, list):
+        return [("malformed", field, f"is a {type(messages).__name__}, not a list",
+                 "make `messages` a list of {role, content} objects")]
+    if not messages:
+        return [("empty", field, "is an empty list", "drop the record or fill in the conversation")]
+    out = [issue for i, m in enumerate(messages) for issue in message_issues(m, f"{field}[{i}]")]
+    if out:
+        return out
+    roles = [m["role"] for m in messages]
+    if set(roles) == {"system"}:
+        return [("malformed", field, "holds only a system prompt (no user or assistant turn)",
+                 "add the user's message and the answer to learn, or drop the record")]
+    if roles[-1] != "assistant":
+        return [("malformed", field, "has no assistant turn at the end", "end each conversation with the answer to learn")]
+    first = next(i for i, r in enumerate(roles) if r != "system")
+    if roles[first] != "user":
+        return [("malformed", f"{field}[{first}].role", "the conversation starts with an assistant turn (no user turn "
+                 "before it)", "put the user's message before the first answer")]
+    return too_long(sum(len(m["content"]) for m in messages), max_length, field)
+
+
+def pair_issues(record: dict, max_length: int | None = None) -> list[Issue]:
+    """The problems of one preference pair: a prompt ending with a user turn, two different assistant replies."""
+    out = []
+    for key in PAIR_FIELDS:
+        value = record.get(key)
+        speaker = "user" if key == "prompt" else "assistant"
+        if key not in record:
+            out.append(("malformed", key, "is missing", "give each pair a prompt, a chosen and a rejected reply"))
+        elif not isinstance(value, list):
+            out.append(("malformed", key, f"is {json_type(value)}, not a list of chat messages",
+                        f'write it as a list of messages, e.g. [{{"role": "{speaker}", "content": "..."}}]'))
+        elif not value:
+            out.append(("empty", key, "is an empty list", "drop the pair or fill it in"))
+        else:
+            out += [issue for i, m in enumerate(value) for issue in message_issues(m, f"{key}[{i}]")]
+    if out:
+        return out
+    prompt = [m["role"] for m in record["prompt"]]
+    if prompt[-1] != "user":
+        return [("malformed", f"prompt[{len(prompt) - 1}].role", f"the prompt's last turn is {prompt[-1]!r}, not 'user'",
+                 "end the prompt with the user's message; the replies go in chosen and rejected")]
+    first = next(i for i, r in enumerate(prompt) if r != "system")
+    if prompt[first] != "user":
+        return [("malformed", f"prompt[{first}].role", "the prompt starts with an assistant turn (no user turn before "
+                 "it)", "put the user's message first")]
+    for key in ("chosen", "rejected"):
+        if (other := next((i for i, m in enumerate(record[key]) if m["role"] != "assistant"), None)) is not None:
+            return [("malformed", f"{key}[{other}].role", f"a {record[key][other]['role']} turn in a reply",
+                     "a reply holds assistant turns only; put the rest in the prompt")]
+    if record["chosen"] == record["rejected"]:
+        return [("malformed", "rejected", "is the same reply as chosen", "give the pair two different replies, or drop it")]
+    chars = {key: sum(len(m["content"]) for m in record[key]) for key in PAIR_FIELDS}
+    reply = max(PAIR_FIELDS[1:], key=chars.get)  # the longer sequence is prompt + this reply
+    return too_long(chars["prompt"] + chars[reply], max_length, max(("prompt", reply), key=chars.get))
+
+
+KINDS = {"chat": ("messages",), "pairs": PAIR_FIELDS}  # what each kind of training data holds on every line
+
+
+def kind_of(record: dict) -> str | None:
+    """'chat' for a record with messages, 'pairs' for one with prompt, chosen and rejected, else None."""
+    return next((kind for kind, keys in KINDS.items() if set(keys) <= set(record)), None)
+
+
+def record_issues(record, kind: str | None = None, max_length: int | None = None) -> list[Issue]:
+    """The problems of one parsed line as `kind` ('chat' or 'pairs') of training data; None: as its keys say
+    (a record that is neither, e.g. a probe, passes). With max_length, text that cannot fit is a problem too."""
+    if not isinstance(record, dict):
+        return [("malformed", "record", f"the line is {json_type(record)}, not a JSON object",
+                 "write one {...} object per line")]
+    shape = kind_of(record)
+    kind = kind or shape
+    if kind == "chat" and shape != "chat":
+        what = "this line is a preference pair" if shape == "pairs" else f"the line has keys {sorted(record)}"
+        fix = ("train pairs with `python -m labkit dpo`" if shape == "pairs"
+               else "give each line a messages list of {role, content} objects")
+        return [("malformed", "messages", f"is missing: {what}", fix)]
+    if kind == "pairs" and shape != "pairs":
+        what = "this line is a chat example" if shape == "chat" else f"the line has keys {sorted(record)}"
+        fix = ("train chat examples with `python -m labkit sft`" if shape == "chat"
+               else "give each line prompt, chosen and rejected (lists of {role, content} objects)")
+        missing = next(k for k in PAIR_FIELDS if k not in record)
+        return [("malformed", missing, f"is missing: {what}", fix)]
+    if kind == "chat":
+        return chat_issues(record["messages"], max_length)
+    if kind == "pairs":
+        return pair_issues(record, max_length)
+    return []
+
+
+def record_problems(rows: list[tuple[int, object]], kind: str | None = None,
+                    max_length: int | None = None) -> list[Problem]:
+    """A Problem for each issue of each (line, record): the validator over a whole file."""
+    return [Problem(n, *issue) for n, record in rows for issue in record_issues(record, kind, max_length)]
+
+
 # ---------------------------------------------------------------- the course's files
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Every record of a clean JSONL file, or a DataError naming each bad line (see labkit.dataprep to validate)."""
+def read_jsonl(path: str | Path, kind: str | None = None, max_length: int | None = None) -> list[dict]:
+    """Every record of a clean JSONL file, or a DataError naming each bad line (file:line:field).
+
+    Every line must be a JSON object; chat examples and preference pairs are checked as training needs them
+    (record_issues). `kind` ('chat' or 'pairs') demands that every line be one; `max_length` refuses text that
+    cannot fit in that many tokens.
+    """
     good, problems = read_lines(path)
+    problems += record_problems(good, kind, max_length)
     if problems:
-        raise DataError(problems_message(path, problems))
+        raise DataError(problems_message(path, sorted(problems, key=lambda p: p.line)))
     return [value for _, value in good]  # type: ignore[misc]
+
+
+def read_examples(path: str | Path, kind: str, max_length: int | None = None) -> list[dict]:
+    """The training examples of a file ('chat' or 'pairs'), every one checked; a file with none is an error too."""
+    records = read_jsonl(path, kind, max_length)
+    if not records:
+        raise DataError(f"{path}: holds no examples. Fix: pass a .jsonl file with one example per line")
+    return records
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from labkit.data import DataError, Problem, problems_message, read_bytes, read_lines
+from labkit.data import (ROLES, DataError, Problem, chat_issues, json_type, pair_issues, problems_message, read_bytes,
+                         read_lines)
 from labkit.tickets import FIELDS, is_valid, normalise
 
-ROLES = {"system", "user", "assistant"}
 FORMATS = ("messages", "instruction", "completion", "preference")
 
 
@@ -67,39 +67,27 @@ def to_completion(record: dict, tokenizer) -> dict:
 # ---------------------------------------------------------------- validation
 
 
-def _check_messages(msgs, triage: bool) -> list[tuple[str, str, str, str]]:
-    """(kind, field, message, fix) for each problem of one `messages` value."""
-    if not isinstance(msgs, list):
-        return [("malformed", "messages", f"is a {type(msgs).__name__}, not a list", "make `messages` a list of {role, content} objects")]
-    if not msgs:
-        return [("empty", "messages", "is an empty list", "drop the record or fill in the conversation")]
-    out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or "role" not in m:
-            out.append(("malformed", f"{where}.role", "is missing", "give every message a role: system, user or assistant"))
-        elif m["role"] not in ROLES:
-            out.append(("malformed", f"{where}.role", f"{m['role']!r} is not a known role", "use system, user or assistant"))
-        if isinstance(m, dict) and not isinstance(m.get("content"), str):
-            out.append(("malformed", f"{where}.content", f"is {type(m.get('content')).__name__}, not a string", "store the text as a string"))
-        elif isinstance(m, dict) and not m["content"].strip() and m.get("role") != "system":
-            out.append(("empty", f"{where}.content", f"the {m.get('role', '?')} turn is empty", "drop the record or write the missing text"))
-    if out:
-        return out
-    if msgs[-1]["role"] != "assistant":
-        return [("malformed", "messages", "has no assistant turn at the end", "end each conversation with the answer to learn")]
-    if triage:
-        try:
-            answer = json.loads(msgs[-1]["content"])
-        except ValueError:
-            return [("malformed", f"messages[{len(msgs) - 1}].content", "the answer is not valid JSON", "write the canonical answer with labkit.tickets.to_json")]
-        if not is_valid(answer):
-            return [("malformed", f"messages[{len(msgs) - 1}].content", "the answer has a field or label outside the schema", f"use the fields {FIELDS} with allowed labels")]
+def _check_messages(msgs, triage: bool, max_length: int | None = None) -> list[tuple[str, str, str, str]]:
+    """(kind, field, message, fix) for each problem of one `messages` value: labkit.data's checks, then the answer's schema."""
+    issues = chat_issues(msgs, max_length)
+    if issues or not triage:
+        return issues
+    try:
+        answer = json.loads(msgs[-1]["content"])
+    except ValueError:
+        return [("malformed", f"messages[{len(msgs) - 1}].content", "the answer is not valid JSON", "write the canonical answer with labkit.tickets.to_json")]
+    if not is_valid(answer):
+        return [("malformed", f"messages[{len(msgs) - 1}].content", "the answer has a field or label outside the schema", f"use the fields {FIELDS} with allowed labels")]
     return []
 
 
-def validate_lines(path: str | Path, triage: bool = True) -> tuple[list[tuple[int, dict]], list[Problem]]:
-    """Read a JSONL file and return (line, record) for valid records and every problem found (no early stop)."""
+def validate_lines(path: str | Path, triage: bool = True,
+                   max_length: int | None = None) -> tuple[list[tuple[int, dict]], list[Problem]]:
+    """Read a JSONL file and return (line, record) for valid records and every problem found (no early stop).
+
+    Chat records and preference pairs get labkit.data's checks (the ones training runs); `triage` also checks each
+    chat answer against the ticket schema, `max_length` refuses text that cannot fit in that many tokens.
+    """
     path = Path(path)
     values, problems = read_lines(path)
     if not values and not problems:
@@ -107,10 +95,14 @@ def validate_lines(path: str | Path, triage: bool = True) -> tuple[list[tuple[in
     good = []
     for n, record in values:
         if not isinstance(record, dict) or detect_format(record) is None:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            keys = sorted(record) if isinstance(record, dict) else f"none: the line is {json_type(record)}, not an object"
             problems.append(Problem(n, "malformed", "format", f"unknown format (keys {keys})", "use messages, instruction/output, prompt/completion or prompt/chosen/rejected"))
             continue
-        issues = _check_messages(record["messages"], triage) if detect_format(record) == "messages" else []
+        fmt = detect_format(record)
+        if fmt == "messages":
+            issues = _check_messages(record["messages"], triage, max_length)
+        else:
+            issues = pair_issues(record, max_length) if fmt == "preference" else []
         problems += [Problem(n, *issue) for issue in issues]
         if not issues:
             good.append((n, record))
@@ -118,9 +110,9 @@ def validate_lines(path: str | Path, triage: bool = True) -> tuple[list[tuple[in
     return good, problems
 
 
-def load_jsonl(path: str | Path, triage: bool = True) -> list[dict]:
+def load_jsonl(path: str | Path, triage: bool = True, max_length: int | None = None) -> list[dict]:
     """Valid records of a file, or a DataError listing every problem (file:line:field: what. Fix: how)."""
-    good, problems = validate_lines(path, triage)
+    good, problems = validate_lines(path, triage, max_length)
     if problems:
         raise DataError(problems_message(path, problems))
     return [r for _, r in good]

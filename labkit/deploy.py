@@ -13,9 +13,10 @@ import torch
 from peft import PeftModel
 
 from labkit import LabkitError
-from labkit.checkpoint import load_cached_adapter, save_adapter, sha256
+from labkit.checkpoint import sha256, verify_adapter
 from labkit.paths import cache_root
 from labkit.quant import quantize_4bit
+from labkit.sft import cached_adapter_run
 
 # ---------------------------------------------------------------- merged == unmerged
 
@@ -111,6 +112,8 @@ def load_adapters(base, folders: dict[str, str | Path]) -> PeftModel:
     if not folders:
         raise LabkitError("load_adapters needs at least one adapter folder. Fix: pass {'name': folder, ...}")
     names = list(folders)
+    for name, folder in folders.items():  # every file checked against its SHA256SUMS (labkit writes one with each)
+        verify_adapter(Path(folder), f"pass the folder of a complete adapter as {name!r}", checksums_required=False)
     model = PeftModel.from_pretrained(base, str(folders[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(folders[name]), adapter_name=name)
@@ -121,12 +124,7 @@ def load_adapters(base, folders: dict[str, str | Path]) -> PeftModel:
 def cached_adapter(model, key: str, train: Callable[[object], object]) -> tuple[PeftModel, Path]:
     """The adapter cached under `key` on top of `model`, or `train(model)` (an SFTResult) now, cached for next time."""
     folder = cache_root() / "adapters" / key
-    if (cached := load_cached_adapter(model, folder)) is not None:
-        return cached[0], folder
-    result = train(model)
-    run = {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "stopped_early", "tokens_per_s")}
-    save_adapter(result.model, folder, run)
-    return result.model, folder
+    return cached_adapter_run(model, folder, lambda: train(model)).model, folder
 
 
 def select(model: PeftModel, adapter: str | list[str]) -> float:

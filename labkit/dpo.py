@@ -19,10 +19,11 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from labkit.checkpoint import CheckpointError, cached_run_record, check_writable, save_adapter
+from labkit.checkpoint import CheckpointError, cached_run_record, fill_adapter
 from labkit.paths import cache_root
 from labkit.runtime import model_autocast
-from labkit.sft import IGNORE, Objective, SFTConfig, SFTResult, collate, labelled_logits, run_key, train_loop
+from labkit.sft import IGNORE, Objective, SFTConfig, SFTResult, collate, labelled_logits, run_key, run_record, train_loop
+from labkit.store import cached
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -157,6 +158,13 @@ class DPOConfig(SFTConfig):
     beta: float = 0.1
     loss_type: str = "sigmoid"
 
+    def __post_init__(self) -> None:
+        """SFTConfig's checks, then beta > 0 (beta 0 learns nothing; IPO divides by it) and a known loss."""
+        from labkit.settings import POSITIVE, check_fields, one_of
+
+        super().__post_init__()
+        check_fields(self, beta=POSITIVE, loss_type=one_of(LOSS_TYPES))
+
 
 def dpo_objective(beta: float = 0.1, loss_type: str = "sigmoid") -> Objective:
     """The DPO objective for labkit.sft.train_loop: pairs in, preference loss out, one unit per pair."""
@@ -183,14 +191,15 @@ def cached_dpo(policy: PeftModel, tokenizer, model_name: str, pairs: list[dict],
     must name its weights without the fresh adapter (the reference's name), as in labkit.sft.cached_sft.
     """
     folder = cache_root() / "adapters" / f"dpo-{run_key(model_name, pairs, config)}"
-    if (run := cached_run_record(policy, folder, {"r": config.r, "target_modules": config.target_modules})) is not None:
-        check_fresh(policy, folder)
-        set_peft_model_state_dict(policy, load_file(folder / "adapter_model.safetensors"))
-        return SFTResult(policy, **run), folder
-    check_writable(folder.parent, "set LABKIT_HOME to a folder you can write to")  # before training: never lose a run
-    result = train_dpo(policy, tokenizer, pairs, config=config, **kwargs)
-    run = {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "stopped_early", "tokens_per_s")}
-    save_adapter(result.model, folder, run)
+
+    def load(path: Path) -> SFTResult:  # verified first, then copied into the policy itself
+        run = cached_run_record(policy, path, {"r": config.r, "target_modules": config.target_modules})
+        check_fresh(policy, path)
+        set_peft_model_state_dict(policy, load_file(path / "adapter_model.safetensors"))
+        return SFTResult(policy, **run)
+
+    result = cached(folder, load, lambda: train_dpo(policy, tokenizer, pairs, config=config, **kwargs),
+                    lambda result, tmp: fill_adapter(result.model, tmp, run_record(result)), folder=True)
     return result, folder
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 
 from labkit import LabkitError
 from labkit.paths import cache_root
+from labkit.store import StoreError, cached, write_file
 
 # What each quantization level writes for the big matrices (norms always stay F32, as llama.cpp does).
 # Q8_0: blocks of 32 int8 values + one f16 scale (8.5 bits per weight). Q4_0: blocks of 32 4-bit values + one
@@ -131,38 +130,35 @@ def export_gguf(model, tokenizer, path: str | Path, level: str = "F16", name: st
     if config.model_type != "llama":
         raise LabkitError(f"model_type={config.model_type!r}: export_gguf writes Llama-architecture models only. "
                           "Fix: use llama.cpp's convert_hf_to_gguf.py for other architectures")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".gguf")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:  # written to a temporary file renamed into place: an interrupted export leaves nothing behind
-        writer = gguf.GGUFWriter(tmp, "llama")
-        write_metadata(writer, config, level, name)
-        write_tokenizer(writer, tokenizer, pre)
-        state = model.state_dict()
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd for the output head
-        for hf_name, value in state.items():
-            array = value.detach().float().cpu().numpy()
-            if hf_name.endswith("q_proj.weight"):
-                array = permute_rows(array, config.num_attention_heads)
-            elif hf_name.endswith("k_proj.weight"):
-                array = permute_rows(array, config.num_key_value_heads)
-            kind = tensor_type(hf_name, array, level)
-            qtype = gguf.GGMLQuantizationType[kind]
-            data = (array.astype(np.float16) if kind == "F16" else array if kind == "F32"
-                    else gguf.quants.quantize(array, qtype))
-            writer.add_tensor(gguf_name(hf_name), data, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.chmod(0o644)  # mkstemp makes it private; the exported model is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_file(path, lambda tmp: write_gguf(model, tokenizer, tmp, level, name, pre))
+
+
+def write_gguf(model, tokenizer, path: Path, level: str, name: str, pre: str) -> None:
+    """Write the GGUF file itself (export_gguf has it written under a temporary name, then renamed into place)."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(path, "llama")
+    write_metadata(writer, config, level, name)
+    write_tokenizer(writer, tokenizer, pre)
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd for the output head
+    for hf_name, value in state.items():
+        array = value.detach().float().cpu().numpy()
+        if hf_name.endswith("q_proj.weight"):
+            array = permute_rows(array, config.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            array = permute_rows(array, config.num_key_value_heads)
+        kind = tensor_type(hf_name, array, level)
+        qtype = gguf.GGMLQuantizationType[kind]
+        data = (array.astype(np.float16) if kind == "F16" else array if kind == "F32"
+                else gguf.quants.quantize(array, qtype))
+        writer.add_tensor(gguf_name(hf_name), data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def quantize_gguf(source: str | Path, path: str | Path, level: str = "Q4_K_M", threads: int = 0) -> Path:
@@ -177,14 +173,13 @@ def quantize_gguf(source: str | Path, path: str | Path, level: str = "Q4_K_M", t
         raise LabkitError(f"llama.cpp has no quantization type {level!r}. Fix: use e.g. Q4_K_M, Q5_K_M, Q6_K, Q8_0")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftype, threads
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
-        tmp.unlink(missing_ok=True)
-        raise LabkitError(f"llama.cpp could not quantize {source} to {level}. Fix: check that the file is a complete "
-                          "GGUF (delete it to re-export)")
-    os.replace(tmp, path)
-    return path
+
+    def quantize(tmp: Path) -> None:
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+            raise LabkitError(f"llama.cpp could not quantize {source} to {level}. Fix: check that the file is a "
+                              "complete GGUF (delete it to re-export)")
+
+    return write_file(path, quantize)
 
 
 def weights_digest(model) -> str:
@@ -198,13 +193,24 @@ def weights_digest(model) -> str:
 
 def cached_gguf(model, tokenizer, level: str, name: str = "model") -> Path:
     """The GGUF of these exact weights at `level` from labkit's cache, exported (or quantized from F16) on a miss."""
-    folder = cache_root() / "gguf" / weights_digest(model)
-    path = folder / f"{name}-{level}.gguf"
-    if path.exists():
-        return path
-    if level in GGUF_TYPES:
-        return export_gguf(model, tokenizer, path, level, name)
-    return quantize_gguf(cached_gguf(model, tokenizer, "F16", name), path, level)
+    path = cache_root() / "gguf" / weights_digest(model) / f"{name}-{level}.gguf"
+
+    def make(_, tmp: Path) -> None:
+        if level in GGUF_TYPES:
+            export_gguf(model, tokenizer, tmp, level, name)
+        else:
+            quantize_gguf(cached_gguf(model, tokenizer, "F16", name), tmp, level)
+
+    return cached(path, check_gguf, lambda: path, make)
+
+
+def check_gguf(path: Path) -> Path:
+    """`path` once it is seen to start like a GGUF file; a StoreError that says to delete it if not."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise StoreError(f"{path}: is not a GGUF file (it lacks the GGUF magic bytes). Fix: delete {path}; the "
+                             "next run exports it again")
+    return path
 
 
 def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32):

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +11,7 @@ from typing import Any
 
 import torch
 
+from labkit.checkpoint import CHECKSUMS, CheckpointError, verify_checksums, write_checksums
 from labkit.paths import cache_root
 from labkit.runtime import pick_amp_dtype, pick_device
 from labkit.sft import (
@@ -25,6 +23,7 @@ from labkit.sft import (
     lr_at,
     validation_loss,
 )
+from labkit.store import cached, content_key
 
 
 @dataclass
@@ -105,30 +104,42 @@ def full_ft_key(model_name: str, train: list[dict], validation: list[dict] | Non
            "config": asdict(config), "method": "full"}
     if (amp := pick_amp_dtype(pick_device())) is not None:
         key["precision"] = str(amp)
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(key)
 
 
 def cached_full_ft(model, tokenizer, model_name: str, train: list[dict], validation: list[dict] | None,
                    config: FullFTConfig) -> tuple[FullFTResult, Path]:
     """The weights and history of an identical earlier full fine-tuning run from labkit's cache, or train and cache it."""
-    from safetensors.torch import load_model, save_model
-
     folder = cache_root() / "full_ft" / full_ft_key(model_name, train, validation, config)
-    if (folder / "run.json").exists():
-        load_model(model, folder / "model.safetensors", device=str(next(model.parameters()).device))
-        model.requires_grad_(False)
-        return FullFTResult(model.eval(), **json.loads((folder / "run.json").read_text(encoding="utf-8"))), folder
-    result = train_full(model, tokenizer, train, validation, config)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")  # written whole, then renamed: never half a cache
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(result.model, str(tmp / "model.safetensors"))  # shared tensors (tied embeddings) stored once
-    run = {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "train_seconds")}
-    (tmp / "run.json").write_text(json.dumps(run), encoding="utf-8")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    result = cached(folder, lambda path: load_full_ft(model, path),
+                    lambda: train_full(model, tokenizer, train, validation, config), save_full_ft, folder=True)
     return result, folder
+
+
+def load_full_ft(model, folder: Path) -> FullFTResult:
+    """A cached full fine-tuning run loaded into `model`, once its files are verified."""
+    from safetensors.torch import load_model
+
+    fix = f"delete {folder}; the next run trains it again"
+    if (folder / CHECKSUMS).is_file():  # runs cached before checksums existed are checked by reading them
+        verify_checksums(folder, fix, ("model.safetensors", "run.json"))
+    try:
+        run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        load_model(model, folder / "model.safetensors", device=str(next(model.parameters()).device))
+    except Exception as e:  # a missing, truncated or foreign file
+        raise CheckpointError(f"{folder}: cached run cannot be read ({type(e).__name__}). Fix: {fix}") from None
+    model.requires_grad_(False)
+    return FullFTResult(model.eval(), **run)
+
+
+def save_full_ft(result: FullFTResult, folder: Path) -> None:
+    """Write a full fine-tuning run's weights, record and checksums into the (new, empty) `folder`."""
+    from safetensors.torch import save_model
+
+    save_model(result.model, str(folder / "model.safetensors"))  # shared tensors (tied embeddings) stored once
+    run = {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "train_seconds")}
+    (folder / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    write_checksums(folder)
 
 
 def course_full_config(budget: dict) -> FullFTConfig:

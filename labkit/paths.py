@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from labkit import LabkitError
+from labkit import LabkitError, settings
 
 
 def data_dir() -> Path:
     """The course's data/ folder: $LABKIT_DATA, the repo checkout, or ./data or ../data."""
-    candidates = []
-    if os.environ.get("LABKIT_DATA"):
-        candidates.append(Path(os.environ["LABKIT_DATA"]))
-    candidates += [Path(__file__).resolve().parent.parent / "data", Path.cwd() / "data", Path.cwd().parent / "data"]
+    if (chosen := settings.data_folder()) is not None:  # set: it must hold the data, never silently another folder
+        return chosen
+    candidates = [Path(__file__).resolve().parent.parent / "data", Path.cwd() / "data", Path.cwd().parent / "data"]
     for folder in candidates:
         if (folder / "train.jsonl").exists():
             return folder
@@ -25,4 +23,4 @@ def data_dir() -> Path:
 
 def cache_root() -> Path:
     """Where labkit keeps converted models and trained adapters ($LABKIT_HOME)."""
-    return Path(os.environ.get("LABKIT_HOME", Path.home() / ".cache" / "labkit"))
+    return settings.home()

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from labkit.checkpoint import check_writable, load_cached_adapter, save_adapter
 from labkit.dpo import collate_pairs, count_pairs, pair_length, reference_logps, sequence_logps, tokenize_pair
 from labkit.paths import cache_root
-from labkit.sft import IGNORE, Objective, SFTConfig, SFTResult, collate, run_key, train_loop
+from labkit.sft import IGNORE, Objective, SFTConfig, SFTResult, cached_adapter_run, collate, run_key, train_loop
 
 # ---------------------------------------------------------------- ORPO: odds ratio, no reference
 
@@ -167,6 +166,13 @@ class ORPOConfig(SFTConfig):
     max_length: int = 256
     beta: float = 0.1
 
+    def __post_init__(self) -> None:
+        """SFTConfig's checks, then beta > 0 (the odds-ratio term's weight; 0 is plain SFT on the chosen replies)."""
+        from labkit.settings import POSITIVE, check_fields
+
+        super().__post_init__()
+        check_fields(self, beta=POSITIVE)
+
 
 @dataclass
 class KTOConfig(SFTConfig):
@@ -181,6 +187,13 @@ class KTOConfig(SFTConfig):
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        """SFTConfig's checks, then beta and both weights > 0 (a weight of 0 ignores that kind of example)."""
+        from labkit.settings import POSITIVE, check_fields
+
+        super().__post_init__()
+        check_fields(self, beta=POSITIVE, desirable_weight=POSITIVE, undesirable_weight=POSITIVE)
 
 
 def orpo_objective(beta: float = 0.1) -> Objective:
@@ -216,12 +229,8 @@ def cached_preference(model, tokenizer, model_name: str, examples: list[dict], c
     name = objective_for(config).name
     folder = cache_root() / "adapters" / f"{name.lower()}-{run_key(model_name, examples, config)}"
     expect = {"r": config.r, "target_modules": config.target_modules}
-    if (cached := load_cached_adapter(model, folder, expect)) is not None:
-        return SFTResult(cached[0], **cached[1]), folder
-    check_writable(folder.parent, "set LABKIT_HOME to a folder you can write to")
-    result = train_preference(model, tokenizer, examples, config, **loop_options)
-    run = {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "stopped_early", "tokens_per_s")}
-    save_adapter(result.model, folder, run)
+    result = cached_adapter_run(model, folder, lambda: train_preference(model, tokenizer, examples, config,
+                                                                        **loop_options), expect)
     return result, folder
 
 

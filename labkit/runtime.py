@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from labkit import LabkitError
+from labkit import LabkitError, settings
 
 SMOLLM2_135M = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -82,6 +82,24 @@ def pick_device() -> str:
     return "cpu"
 
 
+def check_device(device: str) -> str:
+    """`device` if this machine has it; a LabkitError saying what is missing and what to do if not (e.g. 'cuda')."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA GPU"
+            raise LabkitError(f"device {device!r} was asked for, but this machine has no GPU ({why}). Fix: use the "
+                              "cpu (--device cpu or auto), or run where there is an NVIDIA GPU and a CUDA build of torch")
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise LabkitError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0. "
+                              "Fix: use cuda or cuda:0 up to the last one")
+    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LabkitError(f"device {device!r} was asked for, but this machine has no Apple GPU (MPS). Fix: use the cpu")
+    elif kind not in ("cuda", "mps", "cpu"):
+        raise LabkitError(f"device {device!r} is not a device. Fix: use cpu, cuda or mps")
+    return device
+
+
 # ---------------------------------------------------------------- precision
 
 DTYPE_CHOICES = ("fp32", "bf16")  # what LABKIT_DTYPE may say
@@ -94,13 +112,7 @@ BF16_MIXED_ON_NATIVE_CPU = False
 
 def requested_dtype() -> str | None:
     """The precision LABKIT_DTYPE forces ('fp32' or 'bf16'), or None when it is unset."""
-    chosen = os.environ.get("LABKIT_DTYPE", "").strip().lower()
-    if not chosen:
-        return None
-    if chosen not in DTYPE_CHOICES:
-        raise LabkitError(f"LABKIT_DTYPE={chosen!r} is not a precision; set it to one of {list(DTYPE_CHOICES)} "
-                          "or unset it.")
-    return chosen
+    return settings.choice("LABKIT_DTYPE", DTYPE_CHOICES, "a precision")
 
 
 def cpu_bf16_features() -> list[str]:
@@ -201,14 +213,7 @@ def precision_name(dtype: torch.dtype, amp_dtype: torch.dtype | None) -> str:
 
 def pick_profile(device: str) -> str:
     """'gpu' on CUDA, else 'cpu'; the LABKIT_PROFILE environment variable overrides."""
-    chosen = os.environ.get("LABKIT_PROFILE", "").strip().lower()
-    if chosen:
-        if chosen not in PROFILES:
-            raise LabkitError(
-                f"LABKIT_PROFILE={chosen!r} is not a profile; use one of {sorted(PROFILES)}."
-            )
-        return chosen
-    return "gpu" if device == "cuda" else "cpu"
+    return settings.choice("LABKIT_PROFILE", sorted(PROFILES), "a profile") or ("gpu" if device == "cuda" else "cpu")
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -259,7 +264,7 @@ class Runtime:
 def detect(seed: int | None = 0) -> Runtime:
     """Detect the runtime, set torch's thread count and (optionally) seed everything."""
     device = pick_device()
-    threads = int(os.environ.get("LABKIT_THREADS", os.cpu_count() or 1))
+    threads = settings.threads() or os.cpu_count() or 1
     torch.set_num_threads(threads)
     if seed is not None:
         seed_everything(seed)

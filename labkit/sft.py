@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import time
@@ -21,16 +19,17 @@ from labkit import LabkitError, distributed
 from labkit.checkpoint import (
     adapter_state,
     check_writable,
+    fill_adapter,
     latest_checkpoint,
     load_checkpoint,
     load_adapter_weights,
     load_cached_adapter,
     run_identity,
-    save_adapter,
     save_checkpoint,
 )
 from labkit.paths import cache_root
 from labkit.runtime import model_autocast, pick_amp_dtype, pick_device
+from labkit.store import cached, content_key
 
 IGNORE = -100  # label value that cross-entropy skips
 
@@ -183,6 +182,17 @@ class SFTConfig:
     patience: int | None = None  # evaluations without improvement before stopping; None = never stop early
     checkpoint_every: int = 0  # steps between checkpoints written to out_dir; 0 = none
     seed: int = 0  # adapter init, batch order and dropout: the same seed gives the same run
+
+    def __post_init__(self) -> None:
+        """Refuse a value no run can use: a ConfigError (a LabkitError) names the field and the accepted range."""
+        from labkit.settings import FRACTION, NON_NEGATIVE, POSITIVE, check_fields, check_schedule, integer, layer_names
+
+        check_fields(self, steps=integer(1), batch_size=integer(1), grad_accum=integer(1), lr=POSITIVE,
+                     warmup_ratio=FRACTION, weight_decay=NON_NEGATIVE, max_grad_norm=POSITIVE, r=integer(1),
+                     lora_alpha=POSITIVE, lora_dropout=FRACTION, target_modules=layer_names,
+                     max_length=integer(1, optional=True), eval_every=integer(1), patience=integer(1, optional=True),
+                     checkpoint_every=integer(0), seed=integer(0, 2**32 - 1))
+        check_schedule(self)
 
 
 def course_config(budget: dict) -> SFTConfig:
@@ -348,8 +358,10 @@ def train_loop(
     best = {"step": 0, "val_loss": math.inf, "adapter": adapter_state(model), "bad_evals": 0}
     start_step = 0
     out_dir = Path(out_dir) if out_dir else None
-    # resume: adapter, optimizer state, history and RNG from the latest checkpoint, so the run continues exactly
-    if resume and out_dir and (state := load_checkpoint(out_dir, model, run_identity(model, objective.name))):
+    # resume: adapter, optimizer state, history and RNG from the latest checkpoint, so the run continues exactly;
+    # a checkpoint of other settings or other data is refused (resuming it would silently make another run)
+    identity = run_identity(model, objective.name, config, {"data": data_label(train), "validation": data_label(validation)})
+    if resume and out_dir and (state := load_checkpoint(out_dir, model, identity)):
         load_adapter_weights(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         history, best, start_step = state["history"], state["best"], state["step"]
@@ -400,7 +412,7 @@ def train_loop(
             live.update(history)
         # checkpoint: written atomically (by process 0 only), so an interruption leaves the previous one usable
         if out_dir and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and distributed.is_main():
-            save_checkpoint(out_dir, step + 1, model, optimizer, history, best, run_identity(model, objective.name))
+            save_checkpoint(out_dir, step + 1, model, optimizer, history, best, identity)
         # early stopping: patience evaluations without a new best
         if config.patience is not None and best["bad_evals"] >= config.patience:
             result.stopped_early = True
@@ -499,7 +511,12 @@ def plot_runs(runs: dict[str, tuple[list[dict], list[int]]], title: str = "LoRA 
 
 def data_digest(examples: list[dict]) -> str:
     """A short hash of a list of examples."""
-    return hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(examples)
+
+
+def data_label(examples: list[dict] | None) -> str:
+    """A list of examples named for a checkpoint's record: how many, and their hash."""
+    return f"{len(examples or [])} examples, sha256 {data_digest(examples or [])}"
 
 
 def run_key(model_name: str, train: list[dict], config: SFTConfig) -> str:
@@ -507,8 +524,22 @@ def run_key(model_name: str, train: list[dict], config: SFTConfig) -> str:
     key = {"model": model_name, "data": data_digest(train), "config": asdict(config)}
     if (amp := pick_amp_dtype(pick_device())) is not None:  # a mixed-precision adapter is never an fp32 run's
         key["precision"] = str(amp)
-    blob = json.dumps(key, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_key(key)
+
+
+def run_record(result: SFTResult) -> dict:
+    """What a cached adapter keeps of its run (run.json): history, best step and loss, early stop, speed."""
+    return {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "stopped_early", "tokens_per_s")}
+
+
+def cached_adapter_run(model, folder: Path, train: Callable[[], SFTResult], expect: dict | None = None) -> SFTResult:
+    """The run cached as an adapter in `folder`, loaded onto `model` once verified; else `train()` now, cached there."""
+    def load(path: Path) -> SFTResult:
+        peft_model, run = load_cached_adapter(model, path, expect)
+        return SFTResult(peft_model, **run)
+
+    return cached(folder, load, train, lambda result, tmp: fill_adapter(result.model, tmp, run_record(result)),
+                  folder=True)
 
 
 def cached_sft(model, tokenizer, model_name: str, train: list[dict], validation: list[dict] | None,
@@ -516,10 +547,6 @@ def cached_sft(model, tokenizer, model_name: str, train: list[dict], validation:
     """The result of an identical earlier run from labkit's cache, or train it now and cache it."""
     folder = cache_root() / "adapters" / run_key(model_name, train, config)
     expect = {"r": config.r, "target_modules": config.target_modules}
-    if (cached := load_cached_adapter(model, folder, expect)) is not None:
-        return SFTResult(cached[0], **cached[1]), folder
-    check_writable(folder.parent, "set LABKIT_HOME to a folder you can write to")  # before training: never lose a run
-    result = train_sft(model, tokenizer, train, validation, config, **train_kwargs)
-    run = {k: getattr(result, k) for k in ("history", "best_step", "best_val_loss", "stopped_early", "tokens_per_s")}
-    save_adapter(result.model, folder, run)
+    result = cached_adapter_run(model, folder, lambda: train_sft(model, tokenizer, train, validation, config,
+                                                                 **train_kwargs), expect)
     return result, folder

@@ -1,5 +1,7 @@
 """Specifications of labkit.checkpoint: atomic checkpoints and cached adapters, checksummed and checked before loading."""
 
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from labkit.checkpoint import (
     load_adapter_weights,
     load_cached_adapter,
     load_checkpoint,
+    load_verified_adapter,
     run_identity,
     save_adapter,
     save_checkpoint,
@@ -90,3 +93,31 @@ def test_unwritable_folder_fails_the_preflight(tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(CheckpointError, match="cannot write there"):
         check_writable(tmp_path / "a_file" / "run")
+
+
+def test_an_adapter_saved_over_another_replaces_it_whole(adapted, tiny_llama, tmp_path):
+    model, _ = adapted
+    save_adapter(add_lora(tiny_llama(seed=1), LORA), tmp_path / "adapter", {"version": 1})
+    save_adapter(model, tmp_path / "adapter", {"version": 2})
+    assert json.loads((tmp_path / "adapter" / "run.json").read_text()) == {"version": 2}
+    verify_checksums(tmp_path / "adapter", "unused", ("adapter_model.safetensors", "run.json"))
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary or old copy left beside it
+
+
+def test_a_verified_adapter_loads_and_gives_the_same_outputs(adapted, tiny_llama, tmp_path):
+    model, _ = adapted
+    loaded = load_verified_adapter(tiny_llama(), save_adapter(model, tmp_path / "adapter", {}))
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+
+
+def test_a_missing_adapter_folder_is_named(tiny_llama, tmp_path):
+    with pytest.raises(CheckpointError, match="absent: there is no adapter folder there. Fix: pass an adapter folder"):
+        load_verified_adapter(tiny_llama(), tmp_path / "absent")
+
+
+def test_a_checkpoint_records_the_settings_and_data_it_must_be_resumed_with(adapted):
+    model, _ = adapted
+    run = run_identity(model, "SFT", LORA, {"data": "4 examples, sha256 0123456789abcdef"})
+    assert run["lr"] == LORA.lr and run["steps"] == LORA.steps and run["data"].startswith("4 examples")
+    assert "checkpoint_every" not in run  # a resume may change how often it checkpoints

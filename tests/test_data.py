@@ -120,3 +120,12 @@ def test_every_ood_label_follows_the_data_card_rules():
         assert is_valid(label), ex["id"]  # labels in their sets, product in the catalogue or null
         if label["order_id"] is not None:  # ORD- and 5 digits, and those digits are in the ticket
             assert re.fullmatch(r"ORD-\d{5}", label["order_id"]) and label["order_id"][4:] in text, ex["id"]
+
+
+@pytest.mark.parametrize("name, kind", [("train", "chat"), ("validation", "chat"), ("test", "chat"),
+                                        ("ood_tickets", "chat"), ("preferences_train", "pairs"),
+                                        ("preferences_test", "pairs")])
+def test_every_committed_training_file_passes_the_validator_training_runs(name, kind):
+    from labkit.data import read_examples
+
+    assert len(read_examples(DATA / f"{name}.jsonl", kind, max_length=256)) == len(read_jsonl(DATA / f"{name}.jsonl"))

@@ -207,3 +207,18 @@ def test_chat_rows_pair_each_prompt_with_its_reply():
 
     assert chat_rows(["hi"], ["hello"]) == [{"messages": [{"role": "user", "content": "hi"},
                                                           {"role": "assistant", "content": "hello"}]}]
+
+
+def test_preference_pairs_are_validated_too(tmp_path):
+    pair = read_jsonl(data_dir() / "preferences_train.jsonl")[0]
+    bad = [{**pair, "chosen": "Hi"}, {**pair, "rejected": pair["chosen"]}, {**pair, "prompt": pair["prompt"][:1]}]
+    good, problems = validate_lines(write(tmp_path, [json.dumps(r) for r in [pair, *bad]]))
+    assert [n for n, _ in good] == [1]
+    assert [(p.line, p.field) for p in problems] == [(2, "chosen"), (3, "rejected"), (4, "prompt[0].role")]
+
+
+def test_max_length_refuses_text_that_cannot_fit(tmp_path):
+    long = {"messages": GOOD["messages"][:1] + [{"role": "user", "content": "word " * 10_000}, GOOD["messages"][2]]}
+    path = write(tmp_path, [json.dumps(GOOD), json.dumps(long)])
+    assert [p.kind for p in validate_lines(path, max_length=512)[1]] == ["too_long"]
+    assert validate_lines(path)[1] == []

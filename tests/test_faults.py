@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from labkit.dataprep import load_jsonl
 from labkit.dpo import DPOConfig, dpo_objective, tokenize_pair, train_dpo
 from labkit.paths import data_dir
 from labkit.sft import IGNORE, SFT, SFTConfig, add_lora, keep_labelled, tokenize_chat, train_sft
+from labkit.store import StoreError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,6 +244,13 @@ def test_damaged_checkpoint_is_refused_and_left_as_it_was(small, tokenizer, exam
     ({"target_modules": ["q_proj", "v_proj"]}, "this run has target_modules=['q_proj', 'v_proj']"),
     ({"hidden_size": 32}, "was written with base_model='llama (2 layers, hidden 64, vocab 49152)', this run has "
                           "base_model='llama (2 layers, hidden 32, vocab 49152)'"),
+    ({"lr": 1e-2}, "was written with lr=0.001, this run has lr=0.01. Fix: resume with the settings it was written "
+                   "with (CLI: --lr 0.001), or start a fresh run in a new out_dir (CLI: --fresh)"),
+    ({"steps": 1}, "was written with steps=2, this run has steps=1. Fix: resume with the settings it was written with "
+                   "(CLI: --steps 2)"),
+    ({"seed": 1}, "was written with seed=0, this run has seed=1"),
+    ({"patience": 3}, "was written with patience=None, this run has patience=3. Fix: resume with the settings it was "
+                      "written with (CLI: leave out --patience)"),
 ])
 def test_checkpoint_of_another_run_is_refused_naming_what_differs(small, tokenizer, examples, run_dir, changes, says):
     model = small(hidden_size=32) if "hidden_size" in changes else small()
@@ -251,6 +260,31 @@ def test_checkpoint_of_another_run_is_refused_naming_what_differs(small, tokeniz
         resume(model, tokenizer, examples, run_dir, **config)
     assert says in one_line(err)
     assert snapshot(run_dir.parent) == before
+
+
+def test_checkpoint_of_other_data_is_refused_naming_both(small, tokenizer, examples, run_dir):
+    before = snapshot(run_dir.parent)
+    with pytest.raises(CheckpointError) as err:
+        resume(small(), tokenizer, examples[:3], run_dir)
+    assert re.search(r"was written with data='4 examples, sha256 [0-9a-f]{16}', this run has data='3 examples, sha256 "
+                     r"[0-9a-f]{16}'\. Fix: resume with the settings it was written with \(CLI: the same --data and "
+                     r"--validation files\)", one_line(err))
+    assert snapshot(run_dir.parent) == before
+
+
+def test_checkpoint_of_another_run_copied_in_is_refused(small, tokenizer, examples, run_dir):
+    other = run_dir.parent / "other"
+    train_sft(small(), tokenizer, examples, None, SFTConfig(**{**CFG.__dict__, "seed": 1}), out_dir=other, plot=False,
+              progress=False, stop_after=1)
+    shutil.rmtree(run_dir)
+    shutil.copytree(other, run_dir)
+    with pytest.raises(CheckpointError, match="was written with seed=1, this run has seed=0"):
+        resume(small(), tokenizer, examples, run_dir)
+
+
+def test_a_resume_may_change_how_often_it_checkpoints(small, tokenizer, examples, run_dir):
+    result = resume(small(), tokenizer, examples, run_dir, checkpoint_every=2)
+    assert [h["step"] for h in result.history] == [1, 2] and (run_dir / "latest").read_text() == "checkpoint-2"
 
 
 def test_sft_checkpoint_is_refused_by_a_dpo_run(small, tokenizer, run_dir):
@@ -277,6 +311,8 @@ def test_mismatching_adapter_weights_load_nothing_at_all(small):
 
 @pytest.mark.parametrize("fault, says", [
     ("truncated", "adapter_model.safetensors: is damaged or truncated"),
+    ("swapped", "adapter_model.safetensors: is not the file written with it: it is whole"),
+    ("no_checksums", "cached adapter has no SHA256SUMS, so its files cannot be verified"),
     ("no_run_record", "cached adapter is incomplete (run.json is missing)"),
     ("other_base", "this model (llama (2 layers, hidden 32, vocab 49152)) expects"),
     ("other_rank", "was written with r=4, this run has r=8"),
@@ -289,14 +325,42 @@ def test_bad_cached_adapter_is_refused_and_left_as_it_was(small, run_dir, fault,
         weights.write_bytes(weights.read_bytes()[:1000])
     if fault == "no_run_record":
         (folder / "run.json").unlink()
+    if fault == "no_checksums":
+        (folder / "SHA256SUMS").unlink()
+    if fault == "swapped":  # another run's adapter of the same shapes: whole, but not this one
+        other = add_lora(small(), CFG)
+        torch.nn.init.normal_(next(p for n, p in other.named_parameters() if "lora_B" in n))
+        other.save_pretrained(run_dir.parent / "other")
+        shutil.copy(run_dir.parent / "other" / "adapter_model.safetensors", weights)
     model = small(hidden_size=32) if fault == "other_base" else small()
     expect = {"other_rank": {"r": 8}, "other_targets": {"target_modules": ["q_proj"]}}.get(fault)
     before = snapshot(folder)
     with pytest.raises(CheckpointError, match=f"Fix: .*delete {folder}") as err:
         load_cached_adapter(model, folder, expect)
-    assert says in one_line(err)
+    assert says in one_line(err) and (fault != "swapped" or "truncated" not in str(err.value))
     assert snapshot(folder) == before
     assert not any("lora" in n for n, _ in model.named_parameters())  # the base model was not touched
+
+
+@pytest.mark.parametrize("fault, says", [
+    ("no_checksums", "has no SHA256SUMS, so its files cannot be verified"),
+    ("truncated", "adapter_model.safetensors: is damaged or truncated"),
+])
+def test_dpo_sft_adapter_is_verified_before_it_is_merged(small, run_dir, monkeypatch, fault, says):
+    import argparse
+
+    from labkit import cli
+
+    folder = run_dir.parent / "cache" / "adapter"
+    if fault == "no_checksums":
+        (folder / "SHA256SUMS").unlink()
+    else:
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: (small(), None))
+    with pytest.raises(CheckpointError) as err:
+        cli.load_base(argparse.Namespace(model=None, sft_adapter=str(folder)), "cpu")
+    assert says in one_line(err) and "sha256sum" in str(err.value)
 
 
 def test_unwritable_cache_fails_before_training(small, tokenizer, examples, tmp_path, monkeypatch):
@@ -305,7 +369,7 @@ def test_unwritable_cache_fails_before_training(small, tokenizer, examples, tmp_
     (tmp_path / "home").write_text("not a folder")
     monkeypatch.setenv("LABKIT_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(sft, "train_sft", lambda *a, **k: pytest.fail("trained before the preflight"))
-    with pytest.raises(CheckpointError, match="home/adapters: cannot write there.*Fix: set LABKIT_HOME") as err:
+    with pytest.raises(StoreError, match="home/adapters: cannot write there.*Fix: set LABKIT_HOME") as err:
         sft.cached_sft(small(), tokenizer, "tiny", examples, None, CFG, plot=False, progress=False)
     one_line(err)
     assert (tmp_path / "home").read_text() == "not a folder"
@@ -388,3 +452,28 @@ def test_dpo_keeps_and_drops_the_same_pairs_as_trl(tokenizer, small):
     mine = collate_pairs(ours, tokenizer.pad_token_id)
     assert torch.equal(batch["input_ids"], mine["input_ids"])
     assert torch.equal(batch["completion_mask"].bool(), mine["labels"] != IGNORE)
+
+
+# ---------------------------------------------------------------- records the validator once let through
+
+
+@pytest.mark.parametrize("message, says", [
+    ({"role": {"name": "user"}, "content": "hi"}, "f.jsonl:1:messages[0].role: is an object, not a string"),
+    ({"role": "user", "content": None}, "f.jsonl:1:messages[0].content: is null, not a string"),
+    ("hi", "f.jsonl:1:messages[0]: is a string, not a message"),
+])
+def test_cli_validate_names_a_bad_message_instead_of_crashing(tmp_path, message, says):
+    path = tmp_path / "f.jsonl"
+    path.write_text(jsonl([{"messages": [message, {"role": "assistant", "content": "ok"}]}]))
+    done = cli(str(path))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
+
+
+def test_a_huge_example_is_refused_by_its_length_before_any_tokenizing(tmp_path):
+    from labkit.data import read_examples
+
+    path = tmp_path / "f.jsonl"
+    path.write_text(jsonl([GOOD, {"messages": [{"role": "user", "content": "x" * 5_000_000}, GOOD["messages"][1]]}]))
+    with pytest.raises(DataError) as err:  # read_examples has no tokenizer: the length alone refuses it
+        read_examples(path, "chat", max_length=256)
+    assert one_line(err).startswith("f.jsonl:2:messages: holds 5,000,007 characters, more than max_length=256 tokens")

@@ -212,3 +212,30 @@ def test_fp32_attention_equals_sdpa_in_fp32():
     ours, _ = runtime.fp32_attention(module, q, k, v, None, is_causal=True)
     ref, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=True)
     assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_a_bad_thread_count_is_a_clear_error_not_a_traceback(monkeypatch, value):
+    monkeypatch.setenv("LABKIT_THREADS", value)
+    with pytest.raises(LabkitError, match=rf"LABKIT_THREADS='{value}' is not a whole number from 1 to 1024; set it"):
+        runtime.detect(seed=None)
+
+
+def test_the_thread_count_is_read_from_the_environment(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("LABKIT_THREADS", "1")
+    try:
+        assert runtime.detect(seed=None).threads == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("device, says", [
+    ("cuda", "device 'cuda' was asked for, but this machine has no GPU"),
+    ("cuda:1", "device 'cuda:1' was asked for, but this machine has no GPU"),
+    ("tpu", "device 'tpu' is not a device. Fix: use cpu, cuda or mps"),
+])
+def test_a_device_this_machine_lacks_is_a_clear_error(monkeypatch, device, says):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LabkitError, match=says):
+        runtime.check_device(device)
