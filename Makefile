@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.labkit-installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup judge lab test data outputs site clean-venv
+.PHONY: setup judge lab test warm data outputs site clean-venv
 
 $(STAMP): requirements-lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,14 +35,23 @@ judge: setup
 
 # Extra Jupyter arguments: `make lab ARGS="--port 8899"`. As root (containers, many cloud notebooks)
 # Jupyter refuses to start without --allow-root, so it is added then and only then.
+# The server's root is the repository, so the files the notebooks point to (labkit/sft.py, data/README.md,
+# benchmarks/RESULTS.md, tests/) open too; the browser starts in notebooks/.
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 # LABKIT_REQUIRE_ENGINE=1: notebook 08's serving cells and tests/test_serve.py fail instead of skipping
 # when llama.cpp is missing, so a broken engine install cannot pass unnoticed.
 test: setup judge
 	HF_HUB_OFFLINE=1 LABKIT_REQUIRE_ENGINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=600 --nbval-sanitize-with .ci/sanitize.cfg -q -rfE
+
+# Before a workshop: run every notebook once so each cached run (training, replies, judge verdicts) is in labkit's
+# cache; `LABKIT_HOME=/shared/folder make warm` prepares one cache for a room. One line per notebook, with its
+# expected cold minutes (labkit/warm.py).
+warm: setup judge
+	HF_HUB_OFFLINE=1 $(PY) -m labkit.warm
 
 # Re-execute the notebooks whose stored outputs are older than their code (all of them: `make outputs ALL=1`),
 # clean and stamp the outputs (labkit/outputs.py); tests/test_outputs.py fails while any is stale.

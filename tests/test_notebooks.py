@@ -37,18 +37,23 @@ def test_both_profiles_have_the_same_keys():
 
 @pytest.mark.parametrize("key", sorted(set(PROFILES["cpu"]) - {"model"}))
 def test_every_profile_key_is_read_by_a_notebook(key):
-    course_config = (Path(__file__).resolve().parent.parent / "labkit" / "sft.py").read_text()  # 05's main run
-    sources = {p.name: code_of(p) for p in NOTEBOOKS} | {"labkit.sft.course_config": course_config}
+    labkit_dir = Path(__file__).resolve().parent.parent / "labkit"
+    named_runs = {f"labkit/{m}.py": (labkit_dir / f"{m}.py").read_text() for m in ("sft", "runs")}  # course_config, runs.*
+    sources = {p.name: code_of(p) for p in NOTEBOOKS} | named_runs
     readers = [name for name, code in sources.items() if re.search(rf"""budget\[["']{key}["']\]""", code)]
     assert readers, f"PROFILES[...][{key!r}] is read by no notebook: use it or remove it"
 
 
-def test_notebooks_that_build_on_05_load_its_run_through_course_config():
-    """06, 07 and 08 reuse 05's adapter from the cache: a config copied by hand would drift and retrain silently."""
-    users = [p.name for p in NOTEBOOKS if "sft_config = course_config(budget)" in code_of(p)]
+def test_notebooks_that_build_on_earlier_runs_load_them_by_name():
+    """06, 07 and 08 reuse 05's (and 06's) runs from the cache through labkit.runs: a config copied by hand would
+    drift and retrain silently."""
+    users = [p.name for p in NOTEBOOKS if "runs.triage_sft(" in code_of(p)]
     assert users == ["06_dpo.ipynb", "07_evaluation.ipynb", "08_merge_deploy.ipynb"]
     assert "config = course_config(budget)" in code_of(NOTEBOOKS[5])
-    assert not any('batch_size=budget["batch_size"], lr=budget["sft_lr"]' in code_of(p) for p in NOTEBOOKS)
+    assert "runs.dpo(" in code_of(NOTEBOOKS[7]) and "runs.reply_sft(" in code_of(NOTEBOOKS[7])  # 07: 06's runs
+    copied = ('batch_size=budget["batch_size"], lr=budget["sft_lr"]', 'lr=budget["dpo_lr"]', 'lr=budget["orpo_lr"]',
+              'lr=budget["kto_lr"]', 'SFTConfig(steps=budget["reply_sft_steps"]')
+    assert not [(p.name, c) for p in NOTEBOOKS for c in copied if c in code_of(p)]
 
 
 def test_the_course_run_can_stop_early():

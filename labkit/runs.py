@@ -1,0 +1,91 @@
+"""The course's named runs: every run a later notebook reuses is defined here once and loaded by name.
+
+A cached run is found by the hash of its base weights' name, its data and its configuration
+(labkit.sft.run_key). A notebook that rebuilt an earlier notebook's configuration by hand would retrain the
+moment one copy drifted, so 06, 07 and 08 call these functions instead of copying 05's and 06's settings.
+
+    triage SFT (05) -> reply SFT (06, the DPO reference) -> DPO (06)
+                   \\-> ORPO (06, from the SFT model)      \\-> KTO (06, from the reference)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from labkit.dpo import DPOConfig, cached_dpo
+from labkit.preference import KTOConfig, ORPOConfig, cached_preference, unpair
+from labkit.sft import SFTConfig, SFTResult, add_lora, cached_sft, course_config
+
+
+def triage_sft_config(budget: dict) -> SFTConfig:
+    """05's main run: the triage adapter every later notebook starts from."""
+    return course_config(budget)
+
+
+def reply_sft_config(budget: dict) -> SFTConfig:
+    """06's reply SFT: the SFT model taught to write customer replies (DPO's reference)."""
+    return SFTConfig(steps=budget["reply_sft_steps"], batch_size=budget["dpo_batch_size"], lr=1e-3, r=8,
+                     lora_alpha=16, warmup_ratio=0.0, seed=0)
+
+
+def dpo_config(budget: dict) -> DPOConfig:
+    """06's DPO run on the reference."""
+    return DPOConfig(steps=budget["dpo_steps"], batch_size=budget["dpo_batch_size"], lr=budget["dpo_lr"],
+                     beta=budget["dpo_beta"], loss_type="sigmoid", r=8, lora_alpha=16, warmup_ratio=0.1, seed=0)
+
+
+def orpo_config(budget: dict) -> ORPOConfig:
+    """06's ORPO run: SFT and preference in one loss, from the triage SFT model."""
+    return ORPOConfig(steps=budget["orpo_steps"], batch_size=budget["dpo_batch_size"], lr=budget["orpo_lr"],
+                      beta=budget["orpo_beta"], r=8, lora_alpha=16, warmup_ratio=0.1, seed=0)
+
+
+def kto_config(budget: dict) -> KTOConfig:
+    """06's KTO run: thumbs up/down on single replies, from the reference."""
+    return KTOConfig(steps=budget["kto_steps"], batch_size=2 * budget["dpo_batch_size"], lr=budget["kto_lr"],
+                     beta=budget["kto_beta"], r=8, lora_alpha=16, warmup_ratio=0.1, seed=0)
+
+
+def reply_rows(pairs: list[dict], train: list[dict]) -> list[dict]:
+    """Reply SFT's data: both replies of every pair, plus as many triage examples replayed so triage is kept."""
+    rows = [{"messages": p["prompt"] + p[side]} for p in pairs for side in ("chosen", "rejected")]
+    return rows + train[: len(rows)]
+
+
+def triage_sft(base, tokenizer, model_name: str, train: list[dict], validation: list[dict], budget: dict,
+               **train_kwargs) -> tuple[SFTResult, Path, str]:
+    """05's triage run on `base` (a cache hit after 05): its result, folder, and the name of its weights."""
+    result, folder = cached_sft(base, tokenizer, model_name, train, validation[: budget["val_examples"]],
+                                triage_sft_config(budget), **train_kwargs)
+    return result, folder, f"{model_name}+{folder.name}"
+
+
+def reply_sft(sft_model, tokenizer, sft_name: str, pairs: list[dict], train: list[dict], budget: dict,
+              **train_kwargs) -> tuple[SFTResult, Path, str]:
+    """06's reply SFT on the merged triage model named `sft_name`: result, folder, name of its weights."""
+    result, folder = cached_sft(sft_model, tokenizer, sft_name, reply_rows(pairs, train), None,
+                                reply_sft_config(budget), **train_kwargs)
+    return result, folder, f"{sft_name}+{folder.name}"
+
+
+def dpo(reference, tokenizer, reference_name: str, pairs: list[dict], budget: dict,
+        **train_kwargs) -> tuple[SFTResult, Path, str]:
+    """06's DPO run: a fresh adapter on the merged reference, trained or loaded from the cache."""
+    config = dpo_config(budget)
+    result, folder = cached_dpo(add_lora(reference, config), tokenizer, reference_name, pairs, config, **train_kwargs)
+    return result, folder, f"{reference_name}+{folder.name}"
+
+
+def orpo(sft_model, tokenizer, sft_name: str, pairs: list[dict], budget: dict,
+         **train_kwargs) -> tuple[SFTResult, Path, str]:
+    """06's ORPO run on the merged triage model."""
+    result, folder = cached_preference(sft_model, tokenizer, sft_name, pairs, orpo_config(budget), **train_kwargs)
+    return result, folder, f"{sft_name}+{folder.name}"
+
+
+def kto(reference, tokenizer, reference_name: str, pairs: list[dict], budget: dict,
+        **train_kwargs) -> tuple[SFTResult, Path, str]:
+    """06's KTO run on the merged reference, from the pairs split into single thumbs-up/down replies."""
+    result, folder = cached_preference(reference, tokenizer, reference_name, unpair(pairs), kto_config(budget),
+                                       **train_kwargs)
+    return result, folder, f"{reference_name}+{folder.name}"
