@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from labkit import LabkitError
 from labkit.paths import cache_root
 from labkit.runtime import model_autocast, pick_amp_dtype
+from labkit.store import StoreError, cached, content_key, read_json
 from labkit.tickets import FIELDS, LABEL_SETS, field_matches, follows_schema, is_valid, parse_triage
 
 
@@ -22,11 +23,13 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 32,
     progress: bool = True,
+    logits_processor=None,
 ) -> list[str]:
     """Greedy replies to chat prompts: the same tokens as `model.generate`, computed with less waste.
 
     Prompts go in batches of similar length (little padding), a KV cache means each step runs one token per
-    row, and a row that reaches end of turn leaves the batch (and its cache) at once.
+    row, and a row that reaches end of turn leaves the batch (and its cache) at once. `logits_processor`
+    (e.g. `labkit.constrain.GrammarLogitsProcessor`) may change each step's scores: see `greedy_batch`.
     """
     device = next(model.parameters()).device
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
@@ -39,7 +42,7 @@ def generate(
         for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
             idx = order[start : start + batch_size]
             tokens = greedy_batch(model, [prompts[i] for i in idx], max_new_tokens, tokenizer.eos_token_id,
-                                  tokenizer.pad_token_id, device)
+                                  tokenizer.pad_token_id, device, logits_processor)
             for i, row in zip(idx, tokens):
                 replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     model.train(was_training)
@@ -47,33 +50,48 @@ def generate(
 
 
 def cached_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, model_key: str,
-                    progress: bool = True, batch_size: int = 32) -> list[str]:
+                    progress: bool = True, batch_size: int = 32, logits_processor=None) -> list[str]:
     """`generate`'s replies, cached on disk by content: `model_key` (which weights) + the prompts + the length.
 
     `model_key` must name the weights exactly (e.g. the base model's name and the cached adapter folders' names,
-    which are hashes of data and configuration): a wrong key returns another model's replies.
+    which are hashes of data and configuration): a wrong key returns another model's replies. A `logits_processor`
+    must name itself with a `cache_key` (as `labkit.constrain.GrammarLogitsProcessor` does).
     """
     parameter = next(model.parameters())  # the precision it runs in changes greedy replies, so it is part of the key
     precision = f"{parameter.dtype}, {parameter.device.type}, autocast {pick_amp_dtype(parameter.device.type)}"
     key = {"model": model_key, "conversations": conversations, "max_new_tokens": max_new_tokens, "precision": precision}
     if batch_size != 32:  # padding differs with the batch, so replies may too; the default stays out of older keys
         key["batch_size"] = batch_size
-    blob = json.dumps(key, sort_keys=True)
-    path = cache_root() / "replies" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
-    if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))["replies"]
-    replies = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # written whole, then renamed: never a half-written cache file
-    tmp.write_text(json.dumps({"model": model_key, "replies": replies}), encoding="utf-8")
-    os.replace(tmp, path)
+    if logits_processor is not None:  # constrained replies differ from free ones; free keys stay as they were
+        if getattr(logits_processor, "cache_key", None) is None:
+            raise LabkitError(f"cached_generate: {type(logits_processor).__name__} has no `cache_key`, so its replies "
+                              "cannot be cached. Fix: give it a cache_key string, or call generate() uncached")
+        key["logits_processor"] = logits_processor.cache_key
+    path = cache_root() / "replies" / f"{content_key(key, length=24)}.json"
+    return cached(path, lambda p: read_replies(p, len(conversations)),
+                  lambda: generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=progress, logits_processor=logits_processor),
+                  lambda replies, tmp: tmp.write_text(json.dumps({"model": model_key, "replies": replies}),
+                                                      encoding="utf-8"))
+
+
+def read_replies(path: Path, count: int) -> list[str]:
+    """The `count` replies cached in `path`, verified to be that many strings."""
+    stored = read_json(path)
+    replies = stored.get("replies") if isinstance(stored, dict) else None
+    if not (isinstance(replies, list) and len(replies) == count and all(isinstance(r, str) for r in replies)):
+        raise StoreError(f"{path}: cached replies are not {count} strings. Fix: delete {path}; the next run "
+                         "generates them again")
     return replies
 
 
 def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-                 device: torch.device | str = "cpu") -> list[list[int]]:
-    """New token ids for each prompt by greedy decoding (up to and including end of turn), KV-cached."""
+                 device: torch.device | str = "cpu", logits_processor=None) -> list[list[int]]:
+    """New token ids for each prompt by greedy decoding (up to and including end of turn), KV-cached.
+
+    `logits_processor(generated, scores)` (a transformers LogitsProcessor) may change each step's scores; it sees
+    the live rows' generated tokens so far, without the prompt, and must keep no per-row state (rows leave).
+    """
     from transformers import DynamicCache
 
     width = max(len(p) for p in prompts)
@@ -89,6 +107,9 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id: i
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
+        if logits_processor is not None:
+            generated = torch.tensor([out[r] for r in live.tolist()], dtype=torch.long, device=device)
+            logits = logits_processor(generated.reshape(len(live), -1), logits)
         nxt = logits.argmax(-1)
         for r, token in zip(live.tolist(), nxt.tolist()):
             out[r].append(token)
