@@ -290,3 +290,294 @@ def test_distinct_n_rejects_unnormalised_text():
 
 def test_distinct_n_accepts_the_reference_solution():
     assert check_distinct_n(distinct_n_solution(TICKETS, 2), TICKETS, 2) is True
+
+
+# ---------------------------------------------------------------- 10: the advantages of one GRPO group by hand
+
+from labkit.checks import check_group_advantages  # noqa: E402  (appended with its exercise)
+
+GROUP_REWARDS = [1.0, 0.4, 0.4, 0.0]  # one prompt's k = 4 replies, scored
+
+
+def advantages_solution(rewards: list[float], scale: bool = True) -> torch.Tensor:
+    r = torch.tensor(rewards)
+    centred = r - r.mean()
+    return centred / (r.std() + 1e-4) if scale else centred
+
+
+def test_group_advantages_blank_returns_false_and_says_not_answered(capsys):
+    assert check_group_advantages(..., GROUP_REWARDS) is False
+    assert says_not_answered(capsys)
+
+
+def test_group_advantages_accept_the_reference_solution_without_printing_it(capsys):
+    answer = advantages_solution(GROUP_REWARDS)
+    assert check_group_advantages(answer, GROUP_REWARDS) is True
+    out = capsys.readouterr().out
+    assert out.startswith("Correct: ") and f"{answer[0].item():.2f}" not in out and f"{answer[0].item():.3f}" not in out
+    assert check_group_advantages(advantages_solution(GROUP_REWARDS, scale=False), GROUP_REWARDS, scale=False) is True
+    assert check_group_advantages(advantages_solution(GROUP_REWARDS).tolist(), GROUP_REWARDS) is True  # a list too
+
+
+def test_group_advantages_reject_the_population_std_and_say_k_minus_1():
+    r = torch.tensor(GROUP_REWARDS)
+    with pytest.raises(AssertionError, match="k - 1"):
+        check_group_advantages((r - r.mean()) / (r.std(correction=0) + 1e-4), GROUP_REWARDS)
+
+
+def test_group_advantages_reject_a_missing_or_extra_scaling():
+    with pytest.raises(AssertionError, match="divide by the group's std"):
+        check_group_advantages(advantages_solution(GROUP_REWARDS, scale=False), GROUP_REWARDS)
+    with pytest.raises(AssertionError, match="subtract the mean and stop there"):
+        check_group_advantages(advantages_solution(GROUP_REWARDS), GROUP_REWARDS, scale=False)
+
+
+def test_group_advantages_reject_uncentred_rewards_and_explain_an_all_equal_group():
+    r = torch.tensor(GROUP_REWARDS)
+    with pytest.raises(AssertionError, match="subtract the group's mean reward"):
+        check_group_advantages(r / (r.std() + 1e-4), GROUP_REWARDS)
+    with pytest.raises(AssertionError, match="std is 0"):
+        check_group_advantages([math.nan] * 4, [0.5] * 4)  # (r - mean) / std without the 1e-4: 0 / 0
+    assert check_group_advantages([0.0] * 4, [0.5] * 4) is True
+
+
+# ---------------------------------------------------------------- 08: TIES on four numbers by hand
+
+from labkit.checks import check_ties  # noqa: E402  (appended with its exercise)
+
+TASK_A, TASK_B = [0.5, -0.1, 0.2, -0.4], [-0.3, 0.1, 0.2, -0.6]
+
+
+def ties_solution(task_a: list[float], task_b: list[float], density: float) -> torch.Tensor:
+    """TIES by hand, as the solution cell does it: trim, elect sign, disjoint mean."""
+    vectors = torch.tensor([task_a, task_b])
+    trimmed = torch.zeros_like(vectors)
+    for i, vector in enumerate(vectors):
+        keep = vector.abs().topk(int(density * len(vector))).indices
+        trimmed[i, keep] = vector[keep]
+    sign = torch.where(trimmed.sum(dim=0) >= 0, 1.0, -1.0)
+    agree = trimmed.sign() == sign
+    return (trimmed * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+
+
+def test_ties_blank_returns_false_and_says_not_answered(capsys):
+    assert check_ties(..., TASK_A, TASK_B) is False
+    assert says_not_answered(capsys)
+
+
+def test_ties_accepts_the_reference_solution_without_printing_it(capsys):
+    assert check_ties(ties_solution(TASK_A, TASK_B, 0.5), TASK_A, TASK_B) is True
+    out = capsys.readouterr().out
+    assert out.startswith("Correct: ") and "0.5" not in out and "-0.5" not in out
+    assert check_ties([0.5, 0.0, 0.0, -0.5], TASK_A, TASK_B) is True  # a list too
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    ([0.1, 0.0, 0.2, -0.5], "plain mean"),                        # (a + b) / 2
+    ([0.5, 0.1, 0.2, -0.5], "trim first"),                        # TIES without trimming
+    ([0.5, 0.0, 0.0, -1.0], "not by nothing"),                    # agreeing values summed, never divided
+    ([0.25, 0.0, 0.0, -0.5], "not always by 2"),                  # divided by the number of vectors
+    ([0.1, 0.0, 0.0, -0.5], "elect a sign per entry"),            # trimmed values averaged whatever their sign
+    ([0.5, 0.0, 0.1, -0.5], r"entries \[2\] are off"),            # anything else: which entries
+])
+def test_ties_rejects_a_wrong_answer_and_says_which_step(wrong, hint):
+    with pytest.raises(AssertionError, match=hint):
+        check_ties(wrong, TASK_A, TASK_B)
+
+
+def test_ties_rejects_a_wrong_number_of_values():
+    with pytest.raises(AssertionError, match="one merged value per entry"):
+        check_ties([0.5, -0.5], TASK_A, TASK_B)
+
+
+# ---------------------------------------------------------------- 07: which tokens the automaton allows next
+
+from labkit.checks import check_allowed_tokens  # noqa: E402  (appended with its exercise)
+from labkit.constrain import triage_grammar  # noqa: E402
+
+PREFIX = '{"category": "'
+SMALL_VOCAB = ['{"', "bill", "billing", 'billing", "', "Billing", " billing", "tech", 'technical",', "null", '"', "x",
+               'shipping"']
+
+
+def allowed_tokens_solution(prefix: str, vocabulary: list[str]) -> list[str]:
+    grammar = triage_grammar()
+    return [token for token in vocabulary if grammar.walk(prefix + token) is not None]
+
+
+def test_allowed_tokens_blank_returns_false_and_says_not_answered(capsys):
+    assert check_allowed_tokens(..., PREFIX, SMALL_VOCAB) is False
+    assert says_not_answered(capsys)
+
+
+def test_allowed_tokens_accepts_the_reference_solution_without_printing_it(capsys):
+    solution = allowed_tokens_solution(PREFIX, SMALL_VOCAB)
+    assert check_allowed_tokens(solution, PREFIX, SMALL_VOCAB) is True
+    out = capsys.readouterr().out
+    assert out.startswith("Correct: ") and not any(token in out for token in solution)
+
+
+def test_allowed_tokens_accepts_ids_in_any_order():
+    ids = [SMALL_VOCAB.index(t) for t in reversed(allowed_tokens_solution(PREFIX, SMALL_VOCAB))]
+    assert check_allowed_tokens(ids, PREFIX, SMALL_VOCAB) is True
+
+
+def test_allowed_tokens_rejects_whole_labels_only_and_says_tokens_may_cross_into_the_next_key():
+    with pytest.raises(AssertionError, match="runs on into what follows"):
+        check_allowed_tokens(["billing", "bill", "tech"], PREFIX, SMALL_VOCAB)
+
+
+def test_allowed_tokens_rejects_a_token_that_leaves_the_grammar_and_says_where():
+    wrong = allowed_tokens_solution(PREFIX, SMALL_VOCAB) + [" billing"]
+    with pytest.raises(AssertionError, match=r"character 1 \(' '\) leaves every valid answer"):
+        check_allowed_tokens(wrong, PREFIX, SMALL_VOCAB)
+
+
+def test_allowed_tokens_rejects_a_token_outside_the_vocabulary():
+    with pytest.raises(AssertionError, match="not in the vocabulary"):
+        check_allowed_tokens(["billings"], PREFIX, SMALL_VOCAB)
+
+
+# ---------------------------------------------------------------- every exercise: the solution does not give it away
+
+import ast  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from IPython.core.displayhook import DisplayHook  # noqa: E402  (the rule Jupyter applies to a trailing ;)
+
+SOLVED = {}
+
+
+def solved(fn):
+    """Register a reference solution: fn(request) -> (checker, args, kwargs, the answers it must not print)."""
+    SOLVED[fn.__name__] = fn
+    return fn
+
+
+@solved
+def template_overhead(request):
+    tokenizer = request.getfixturevalue("tokenizer")
+    rendered = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_dict=True)["input_ids"]
+    answer = len(rendered) - sum(len(tokenizer(m["content"])["input_ids"]) for m in CONVERSATION)
+    return check_template_overhead, (answer, tokenizer, CONVERSATION), {}, [answer]
+
+
+@solved
+def break_even(request):
+    dollars, requests = break_even_solution(**BREAK_EVEN)
+    return check_break_even, (dollars, requests), BREAK_EVEN, [dollars, requests]
+
+
+@solved
+def jaccard(request):
+    a, b = word_shingles(TEXT_A), word_shingles(TEXT_B)
+    return check_jaccard, (len(a & b) / len(a | b), TEXT_A, TEXT_B), {}, [len(a & b) / len(a | b), len(a & b)]
+
+
+@solved
+def lora_count(request):
+    answer = 16 * (2 * (64 + 64) + 2 * (64 + 32)) * CONFIG.num_hidden_layers
+    return check_lora_count, (answer, CONFIG), dict(r=16, target_modules=ATTENTION), [answer]
+
+
+@solved
+def nf4_indices(request):
+    return check_nf4_indices, (nf4_solution(X), X), {}, [nf4_solution(X)]
+
+
+@solved
+def early_stop(request):
+    return check_early_stop, (early_stop_solution(EVALS, 2), EVALS), dict(patience=2), [early_stop_solution(EVALS, 2)]
+
+
+@solved
+def dpo_pair(request):
+    loss, margin = dpo_solution(LOGPS, BETA)
+    return check_dpo_pair, (loss, margin, LOGPS), dict(beta=BETA), [loss, margin]
+
+
+@solved
+def kappa(request):
+    return check_kappa, (kappa_solution(JUDGE, TRUTH), JUDGE, TRUTH), {}, [kappa_solution(JUDGE, TRUTH)]
+
+
+@solved
+def distinct_n(request):
+    answer = distinct_n_solution(TICKETS, 2)
+    return check_distinct_n, (answer, TICKETS, 2), {}, [answer]
+
+
+def printed_forms(answers: list) -> set[str]:
+    """The ways a message could show an answer: as written, with thousands separators, rounded."""
+    forms = set()
+    for a in answers:
+        if isinstance(a, torch.Tensor):
+            forms.add(str(a.tolist())[1:-1])
+        elif isinstance(a, float):
+            forms |= {f"{a:.2f}", f"{a:.3f}", f"{a:.4f}", f"{a:g}"}
+        else:
+            forms |= {str(a), f"{a:,}"}
+    return forms
+
+
+@pytest.mark.parametrize("exercise", list(SOLVED))
+def test_the_correct_line_says_the_solution_checks_out_without_printing_the_answer(exercise, request, capsys):
+    check, args, kwargs, answers = SOLVED[exercise](request)
+    assert check(*args, **kwargs) is True
+    out = capsys.readouterr().out
+    assert out.startswith("Correct: ") and not {form for form in printed_forms(answers) if form in out}, out
+
+
+NOTEBOOK_FILES = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def exercise_cells(path: Path) -> list[tuple[str, str, str]]:
+    """(answer, checker, solution) code cells of each exercise: the answer cell says '# Your turn'."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    return [tuple(code[i : i + 3]) for i, source in enumerate(code) if "# Your turn:" in source]
+
+
+EXERCISES = {f"{p.stem[:2]}-{k}": cells for p in NOTEBOOK_FILES for k, cells in enumerate(exercise_cells(p))}
+
+
+def blank_names(answer_cell: str) -> set[str]:
+    """The names an answer cell sets to `...`: the learner's answers."""
+    return {target.id for node in ast.parse(answer_cell).body if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant) and node.value.value is Ellipsis
+            for target in node.targets if isinstance(target, ast.Name)}
+
+
+def bound_names(cell: str) -> set[str]:
+    """The names a cell binds at its top level (assignments, loops, definitions, imports)."""
+    names = set()
+    for node in ast.parse(cell).body:
+        targets = {ast.Assign: lambda n: n.targets, ast.AugAssign: lambda n: [n.target],
+                   ast.AnnAssign: lambda n: [n.target], ast.For: lambda n: [n.target]}.get(type(node), lambda n: [])
+        names |= {leaf.id for target in targets(node) for leaf in ast.walk(target) if isinstance(leaf, ast.Name)}
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return names
+
+
+def test_every_exercise_of_notebooks_00_to_07_is_found():
+    assert {f"0{n}" for n in range(8)} <= {name[:2] for name in EXERCISES}
+    assert all(blank_names(answer) for answer, _, _ in EXERCISES.values())
+
+
+@pytest.mark.parametrize("exercise", list(EXERCISES))
+def test_a_solution_cell_leaves_the_learners_answer_alone(exercise):
+    answer, _, solution = EXERCISES[exercise]
+    assert not blank_names(answer) & bound_names(solution), "rerunning the checker would check the solution"
+
+
+@pytest.mark.parametrize("exercise", list(EXERCISES))
+def test_a_checker_cell_echoes_no_true_or_false(exercise):
+    _, checker, _ = EXERCISES[exercise]
+    last = ast.parse(checker).body[-1]
+    ends_in_a_check = (isinstance(last, ast.Expr) and isinstance(last.value, ast.Call)
+                       and getattr(last.value.func, "id", "").startswith("check_"))
+    assert not ends_in_a_check or DisplayHook.semicolon_at_end_of_expression(checker), "end the call with ;"
