@@ -8,6 +8,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def perturb_adapter(model, std: float = 0.05, seed: int = 0) -> None:
+    """Give LoRA's B matrices non-zero values (seeded per name), so a policy differs from its reference and A gets
+    gradients: `from conftest import perturb_adapter` in the parity tests."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std, generator=torch.Generator().manual_seed(seed * 1000 + len(name)))
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct and its tokenizer, loaded once for the whole test session."""

@@ -23,16 +23,10 @@ from labkit.dpo import (
 )
 from labkit.sft import IGNORE, add_lora
 
+from conftest import perturb_adapter
+
 TOL = 1e-5
 BETA = 0.1
-
-
-def perturb_adapter(model, std: float = 0.05) -> None:
-    """Give LoRA's B matrices non-zero values, so the policy differs from the reference."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, std, generator=torch.Generator().manual_seed(len(name)))
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,8 @@ from labkit.paths import data_dir
 from labkit.sft import add_lora
 from labkit.tickets import to_json
 
+from conftest import perturb_adapter
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-5
@@ -225,14 +227,6 @@ def test_config_says_what_is_wrong_and_how_to_fix_it(change, match):
 
 
 # ---------------------------------------------------------------- equal to TRL's GRPOTrainer
-
-
-def perturb_adapter(model, std: float = 0.05) -> None:
-    """Give LoRA's B matrices non-zero values, so the policy differs from the reference and A gets gradients."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, std, generator=torch.Generator().manual_seed(len(name)))
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,12 @@ from labkit.preference import (
 )
 from labkit.sft import IGNORE, add_lora
 
+from conftest import perturb_adapter
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-5
 BETA = 0.1
-
-
-def perturb_adapter(model, std: float = 0.05, seed: int = 0) -> None:
-    """Give LoRA's B matrices non-zero values, so the policy differs from the reference."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, std, generator=torch.Generator().manual_seed(len(name) + 1000 * seed))
 
 
 # ---------------------------------------------------------------- ORPO, equal to TRL
