@@ -2,8 +2,8 @@
 
 A cached run is found by the hash of its base weights' name, its data and its configuration
 (labkit.sft.run_key). A notebook that rebuilt an earlier notebook's configuration by hand would retrain the
-moment one copy drifted, so 06, 07 and 08 are to call these functions instead of copying 05's and 06's
-settings (today they still hold copies, equal and pinned by tests/test_runs.py, until they are re-executed).
+moment one copy drifted, so 06, 07, 08 and 10 call these functions instead of copying 05's and 06's settings
+(tests/test_runs.py pins the keys; tests/test_notebooks.py fails on a hand copy in a notebook).
 
     triage SFT (05) -> reply SFT (06, the DPO reference) -> DPO (06)
                    \\-> ORPO (06, from the SFT model)      \\-> KTO (06, from the reference)

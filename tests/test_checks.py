@@ -540,17 +540,6 @@ def exercise_cells(path: Path) -> list[tuple[str, str, str]]:
 
 
 EXERCISES = {f"{p.stem[:2]}-{k}": cells for p in NOTEBOOK_FILES for k, cells in enumerate(exercise_cells(p))}
-# These notebooks' exercises keep the old pattern: their stored runs were kept this round rather than re-executed
-# (05-07 are the course's longest cold notebooks). strict: the day one is fixed and refreshed, its tests pass and
-# its entry must go.
-NOT_YET = {"solution": {"05-0", "06-0", "07-0"}, "checker": {"05-0", "07-0"}}
-
-
-def exercise_params(test: str) -> list:
-    """Every exercise, with the ones in NOT_YET[test] marked as known failures."""
-    reason = "this notebook's solution and checker cells await its next refresh"
-    return [pytest.param(e, marks=pytest.mark.xfail(strict=True, reason=reason)) if e in NOT_YET[test] else e
-            for e in EXERCISES]
 
 
 def blank_names(answer_cell: str) -> set[str]:
@@ -579,13 +568,13 @@ def test_every_exercise_of_notebooks_00_to_07_is_found():
     assert all(blank_names(answer) for answer, _, _ in EXERCISES.values())
 
 
-@pytest.mark.parametrize("exercise", exercise_params("solution"))
+@pytest.mark.parametrize("exercise", EXERCISES)
 def test_a_solution_cell_leaves_the_learners_answer_alone(exercise):
     answer, _, solution = EXERCISES[exercise]
     assert not blank_names(answer) & bound_names(solution), "rerunning the checker would check the solution"
 
 
-@pytest.mark.parametrize("exercise", exercise_params("checker"))
+@pytest.mark.parametrize("exercise", EXERCISES)
 def test_a_checker_cell_echoes_no_true_or_false(exercise):
     _, checker, _ = EXERCISES[exercise]
     last = ast.parse(checker).body[-1]

@@ -37,18 +37,11 @@ def test_both_profiles_have_the_same_keys():
 
 @pytest.mark.parametrize("key", sorted(set(PROFILES["cpu"]) - {"model"}))
 def test_every_profile_key_is_read_by_a_notebook(key):
-    course_config = (Path(__file__).resolve().parent.parent / "labkit" / "sft.py").read_text()  # 05's main run
-    sources = {p.name: code_of(p) for p in NOTEBOOKS} | {"labkit.sft.course_config": course_config}
+    labkit = Path(__file__).resolve().parent.parent / "labkit"
+    sources = {p.name: code_of(p) for p in NOTEBOOKS} | {  # 05's main run and the named runs later notebooks load
+        "labkit.sft.course_config": (labkit / "sft.py").read_text(), "labkit.runs": (labkit / "runs.py").read_text()}
     readers = [name for name, code in sources.items() if re.search(rf"""budget\[["']{key}["']\]""", code)]
     assert readers, f"PROFILES[...][{key!r}] is read by no notebook: use it or remove it"
-
-
-def test_notebooks_that_build_on_05_load_its_run_through_course_config():
-    """06, 07 and 08 reuse 05's adapter from the cache: a config copied by hand would drift and retrain silently."""
-    users = [p.name for p in NOTEBOOKS if "sft_config = course_config(budget)" in code_of(p)]
-    assert users == ["06_dpo.ipynb", "07_evaluation.ipynb", "08_merge_deploy.ipynb"]
-    assert "config = course_config(budget)" in code_of(NOTEBOOKS[5])
-    assert not any('batch_size=budget["batch_size"], lr=budget["sft_lr"]' in code_of(p) for p in NOTEBOOKS)
 
 
 def test_the_course_run_can_stop_early():
@@ -59,10 +52,13 @@ def test_the_course_run_can_stop_early():
         assert config.patience and config.steps // config.eval_every > config.patience
 
 
-@pytest.mark.xfail(strict=True, reason="06, 07 and 08 switch to labkit.runs when they are next re-executed")
 def test_notebooks_that_build_on_earlier_runs_load_them_by_name():
     """labkit.runs defines each reused run once (keys pinned in tests/test_runs.py); 07 then finds 06's DPO run
-    instead of training it again under another name. Strict: once the notebooks use it, this marker must go."""
+    instead of training it again under another name, and no notebook keeps a hand copy that could drift."""
     users = [p.name for p in NOTEBOOKS if "runs.triage_sft(" in code_of(p)]
     assert users == ["06_dpo.ipynb", "07_evaluation.ipynb", "08_merge_deploy.ipynb"]
     assert "runs.dpo(" in code_of(NOTEBOOKS[7]) and "runs.reply_sft(" in code_of(NOTEBOOKS[7])
+    assert "config = course_config(budget)" in code_of(NOTEBOOKS[5])  # 05 trains the run the others load
+    copies = [(p.name, c) for p in NOTEBOOKS for c in ("course_config(budget)", " DPOConfig(", " ORPOConfig(",
+              " KTOConfig(", 'batch_size=budget["dpo_batch_size"], lr=1e-3') if p != NOTEBOOKS[5] and c in code_of(p)]
+    assert not copies, f"hand-copied run configurations (use labkit.runs): {copies}"
