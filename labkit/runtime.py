@@ -47,6 +47,9 @@ PROFILES: dict[str, dict] = {
         "deploy_reply_steps": 12,
         # 09: the same run on one process and on two (torchrun, gloo)
         "scale_steps": 6, "scale_batch_size": 4, "scale_examples": 64, "scale_max_length": 128,
+        # 10: GRPO runs (steps x prompts per step x replies per prompt), the prompts they draw from, the test tickets
+        "grpo_steps": 8, "grpo_prompts": 4, "grpo_k": 4, "grpo_tokens": 48, "grpo_lr": 1e-3,
+        "grpo_train_tickets": 64, "grpo_eval_tickets": 100,
     },
     "gpu": {
         "model": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
@@ -69,6 +72,8 @@ PROFILES: dict[str, dict] = {
         "deploy_tickets": 200, "deploy_served_tickets": 200, "deploy_concurrency": 8, "deploy_routed_requests": 12,
         "deploy_reply_steps": 60,
         "scale_steps": 6, "scale_batch_size": 4, "scale_examples": 64, "scale_max_length": 128,
+        "grpo_steps": 100, "grpo_prompts": 8, "grpo_k": 16, "grpo_tokens": 96, "grpo_lr": 1e-4,
+        "grpo_train_tickets": 512, "grpo_eval_tickets": 200,
     },
 }
 

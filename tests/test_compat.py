@@ -33,6 +33,8 @@ APIS = {
     "trl.DPOTrainer": ["trl.DPOTrainer.__init__"],
     "trl.KTOConfig": ["trl.KTOConfig"],
     "trl.KTOTrainer": ["trl.KTOTrainer.__init__"],
+    "trl.GRPOConfig": ["trl.GRPOConfig"],
+    "trl.GRPOTrainer": ["trl.GRPOTrainer.__init__"],
     "peft.LoraConfig": ["peft.LoraConfig"],
     "peft.prepare_model_for_kbit_training": ["peft.prepare_model_for_kbit_training"],
     "peft.PeftModel.from_pretrained": ["peft.PeftModel.from_pretrained"],

@@ -56,7 +56,7 @@ def test_notebooks_that_build_on_earlier_runs_load_them_by_name():
     """labkit.runs defines each reused run once (keys pinned in tests/test_runs.py); 07 then finds 06's DPO run
     instead of training it again under another name, and no notebook keeps a hand copy that could drift."""
     users = [p.name for p in NOTEBOOKS if "runs.triage_sft(" in code_of(p)]
-    assert users == ["06_dpo.ipynb", "07_evaluation.ipynb", "08_merge_deploy.ipynb"]
+    assert users == ["06_dpo.ipynb", "07_evaluation.ipynb", "08_merge_deploy.ipynb", "10_rl_verifiable_rewards.ipynb"]
     assert "runs.dpo(" in code_of(NOTEBOOKS[7]) and "runs.reply_sft(" in code_of(NOTEBOOKS[7])
     assert "config = course_config(budget)" in code_of(NOTEBOOKS[5])  # 05 trains the run the others load
     copies = [(p.name, c) for p in NOTEBOOKS for c in ("course_config(budget)", " DPOConfig(", " ORPOConfig(",
