@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 
@@ -110,10 +111,10 @@ def main() -> None:
         torch.manual_seed(0)
         results[name] = run(args, rows)
         r = results[name]
-        per_step = sorted(r["step_seconds"])[len(r["step_seconds"]) // 2]
+        per_step = statistics.median(r["step_seconds"])
         print(f"{name:6s} median {per_step:5.1f} s/step, {r['total_seconds']:6.1f} s in all; reward per step "
               f"{[round(x, 2) for x in r['reward']]}", flush=True)
-    median = {n: sorted(r["step_seconds"])[len(r["step_seconds"]) // 2] for n, r in results.items()}
+    median = {n: statistics.median(r["step_seconds"]) for n, r in results.items()}
     print(f"TRL / labkit seconds per step (medians): {median['trl'] / median['labkit']:.2f}")
     if args.out:
         with open(args.out, "w") as f:
