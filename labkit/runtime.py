@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -258,12 +259,33 @@ class Runtime:
             features = cpu_bf16_features()
             native = f"native ({', '.join(features)})" if features else "emulated (no bf16 hardware)"
             lines.append(f"cpu      {torch.backends.cpu.get_cpu_capability()}, bf16 {native}")
+        lines += [f"threads  {self.threads}"]
+        if self.device == "cpu" and (busy := busy_cores()) is not None and (os.cpu_count() or 1) - busy < self.threads - 0.5:
+            lines.append(f"busy     other jobs keep {busy:.1f} of {os.cpu_count()} cores busy: torch's {self.threads} threads wait "
+                         "for each other whenever one is descheduled, which can slow every step many times over. "
+                         "Set LABKIT_THREADS to the free cores (e.g. 1) and restart the kernel")
         lines += [
-            f"threads  {self.threads}",
             f"profile  {self.profile}  (model {self.model_name}; set LABKIT_PROFILE to override)",
             f"python   {platform.python_version()}   torch {torch.__version__}",
         ]
         return "\n".join(lines)
+
+
+def busy_cores(interval: float = 0.25) -> float | None:
+    """How many cores other work keeps busy right now, from /proc/stat over `interval` s (None off Linux)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all jiffies, idle + iowait
+
+    try:
+        (total0, idle0), _ = sample(), time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 def detect(seed: int | None = 0) -> Runtime:

@@ -165,6 +165,19 @@ def test_runtime_report_names_device_dtype_bf16_hardware_and_profile(monkeypatch
         assert word in text
 
 
+@pytest.mark.parametrize("busy, warned", [(0.1, False), (1.0, True)])
+def test_runtime_report_says_when_other_jobs_leave_fewer_free_cores_than_threads(monkeypatch, busy, warned):
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runtime, "busy_cores", lambda: busy)
+    text = str(runtime.Runtime("cpu", torch.float32, 2, "cpu", {"model": "m"}))
+    assert ("busy" in text and "LABKIT_THREADS" in text) == warned
+
+
+def test_busy_cores_is_a_share_of_this_machines_cores():
+    busy = runtime.busy_cores(interval=0.05)
+    assert busy is None or 0 <= busy <= (runtime.os.cpu_count() or 1)
+
+
 def test_seed_everything_repeats_python_numpy_and_torch():
     def draw():
         return random.random(), np.random.rand(), torch.rand(1).item()
