@@ -17,7 +17,8 @@ from labkit.outputs import execute, notebooks_dir
 from labkit.paths import cache_root
 
 # Minutes of each notebook's first run on an empty cache, 2 cores (AMD EPYC Zen 5), CPU profile: the README test
-# command's cold run on a new machine (nbval). A warm notebook takes a fraction of this.
+# command's cold run on a new machine (nbval). A warm notebook takes a fraction of this. "10" is its own runs cold
+# with 05's and 06's runs already cached (labkit.outputs, 541 s), as they are when the notebooks run in order.
 COLD_MINUTES = {"00": 0.2, "01": 0.5, "02": 3.8, "03": 2.3, "04": 4.1, "05": 21.3, "06": 11.0, "07": 27.5,
                 "08": 3.9, "09": 1.2, "10": 9.0}
 
