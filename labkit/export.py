@@ -161,6 +161,59 @@ def write_gguf(model, tokenizer, path: Path, level: str, name: str, pre: str) ->
     writer.close()
 
 
+def export_lora_gguf(model, adapter: str, path: str | Path, name: str = "adapter") -> Path:
+    """Write one LoRA adapter of a peft Llama model as a llama.cpp adapter file (GGUF, F32); atomic.
+
+    Per wrapped layer, `<layer>.lora_a` is A (r x in) and `<layer>.lora_b` is B (out x r) under llama.cpp's layer
+    names, q/k rows permuted as the base export permutes them. The layer's scaling (alpha / r) is folded into B and
+    no `adapter.lora.alpha` is written, so llama.cpp adds B A x at scale 1: exact for any rank or alpha pattern.
+    """
+    base_config = model.get_base_model().config
+    if base_config.model_type != "llama":
+        raise LabkitError(f"model_type={base_config.model_type!r}: export_lora_gguf writes Llama adapters only")
+    if adapter not in model.peft_config:
+        raise LabkitError(f"adapter {adapter!r} is not loaded (loaded: {sorted(model.peft_config)}). Fix: "
+                          "model.load_adapter(folder, adapter_name=...)")
+    return write_file(path, lambda tmp: write_lora_gguf(model, adapter, tmp, name))
+
+
+def lora_factors(model, adapter: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(A, scaling * B) of every layer `adapter` wraps, by the layer's GGUF weight name, q/k rows permuted."""
+    config = model.get_base_model().config
+    factors = {}
+    for layer_name, module in model.get_base_model().named_modules():
+        if adapter not in getattr(module, "lora_A", {}):
+            continue
+        if module.use_dora.get(adapter, False):
+            raise LabkitError(f"adapter {adapter!r} is DoRA: llama.cpp's adapters are plain LoRA. Fix: merge it "
+                              "into the weights (merge_and_unload) and export the model with export_gguf")
+        a = module.lora_A[adapter].weight.detach().float().cpu().numpy()
+        b = (module.lora_B[adapter].weight.detach().float().cpu() * module.scaling[adapter]).numpy()
+        if layer_name.endswith("q_proj"):
+            b = permute_rows(b, config.num_attention_heads)
+        elif layer_name.endswith("k_proj"):
+            b = permute_rows(b, config.num_key_value_heads)
+        factors[gguf_name(f"{layer_name}.weight")] = (a, b)
+    return factors
+
+
+def write_lora_gguf(model, adapter: str, path: Path, name: str) -> None:
+    """Write the adapter file itself (export_lora_gguf has it written under a temporary name, then renamed)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name(name)
+    writer.add_type("adapter")  # general.type: llama.cpp refuses to load a model file as an adapter
+    writer.add_string("adapter.type", "lora")
+    for weight_name, (a, b) in lora_factors(model, adapter).items():
+        writer.add_tensor(f"{weight_name}.lora_a", np.ascontiguousarray(a, dtype=np.float32))
+        writer.add_tensor(f"{weight_name}.lora_b", np.ascontiguousarray(b, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def quantize_gguf(source: str | Path, path: str | Path, level: str = "Q4_K_M", threads: int = 0) -> Path:
     """Quantize a GGUF file with llama.cpp's own quantizer (needs llama-cpp-python): Q4_K_M, Q5_K_M, Q6_K, ..."""
     try:

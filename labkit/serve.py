@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -135,12 +137,19 @@ class Reply:
         return (self.tokens - 1) / max(self.seconds - self.ttft, 1e-9)
 
 
-def chat(url: str, messages: list[dict], max_tokens: int = 48, timeout: float = 300.0) -> Reply:
-    """One greedy chat completion from an OpenAI-compatible server, streamed so the first token can be timed."""
+def chat(url: str, messages: list[dict], max_tokens: int = 48, timeout: float = 300.0,
+         response_format: dict | None = None) -> Reply:
+    """One greedy chat completion from an OpenAI-compatible server, streamed so the first token can be timed.
+
+    `response_format` is passed on as the API defines it, e.g. {"type": "json_object", "schema": {...}}: the
+    server then decodes only replies the schema allows (llama.cpp compiles it into a grammar).
+    """
     import requests
 
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "top_k": 1, "stream": True,
             "repeat_penalty": 1.0}  # llama-cpp-python's server defaults to a 1.1 repeat penalty: turn it off (greedy)
+    if response_format is not None:
+        body["response_format"] = response_format
     start = time.perf_counter()
     ttft, pieces, finish = None, [], None
     with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=timeout) as response:
@@ -160,11 +169,12 @@ def chat(url: str, messages: list[dict], max_tokens: int = 48, timeout: float = 
     return Reply("".join(pieces).strip(), tokens, ttft if ttft is not None else seconds, seconds)
 
 
-def chat_many(url: str, conversations: list[list[dict]], max_tokens: int = 48, concurrency: int = 1) -> tuple[list[Reply], float]:
+def chat_many(url: str, conversations: list[list[dict]], max_tokens: int = 48, concurrency: int = 1,
+              response_format: dict | None = None) -> tuple[list[Reply], float]:
     """Replies to many chats, `concurrency` requests in flight at a time, and the wall-clock seconds for all."""
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        replies = list(pool.map(lambda c: chat(url, c, max_tokens), conversations))
+        replies = list(pool.map(lambda c: chat(url, c, max_tokens, response_format=response_format), conversations))
     return replies, time.perf_counter() - start
 
 
@@ -176,3 +186,67 @@ def summarize(replies: list[Reply], wall_s: float) -> dict[str, float]:
             "decode_tok_s": statistics.mean(r.decode_tokens_per_s for r in replies),
             "throughput_tok_s": sum(r.tokens for r in replies) / wall_s,
             "requests_per_s": len(replies) / wall_s}
+
+
+class AdapterEngine:
+    """One llama.cpp base model loaded in this process with several LoRA adapter files, chosen per request.
+
+    llama-cpp-python's HTTP server applies one adapter, fixed when it starts (`--lora_path`); llama.cpp's library
+    can swap adapters on a loaded model between requests, which is what this class does (the C++ `llama-server`
+    exposes the same per request). A context manager: the model and adapters are freed on exit.
+    """
+
+    def __init__(self, base: str | Path, adapters: dict[str, str | Path], threads: int = 1, n_ctx: int = 2048,
+                 n_batch: int = 512) -> None:
+        from llama_cpp import Llama, llama_cpp
+
+        self._lib = llama_cpp
+        self.llm = Llama(model_path=str(base), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                         n_batch=n_batch, n_ubatch=n_batch, verbose=False)
+        self.adapters = {}
+        for name, path in adapters.items():
+            log = io.StringIO()  # llama.cpp notes per layer where the adapter's tensors live: kept for an error only
+            with contextlib.redirect_stderr(log):
+                handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(path).encode("utf-8"))
+            if not handle:
+                self.close()
+                raise LabkitError(f"llama.cpp could not load the adapter {name!r} from {path}: "
+                                  f"{log.getvalue().strip()[-300:]}. Fix: write it with labkit.export.export_lora_gguf "
+                                  "from an adapter trained on this base model")
+            self.adapters[name] = handle
+        self.active: tuple[str, ...] = ()
+
+    def __enter__(self) -> "AdapterEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def select(self, names: list[str] | tuple[str, ...]) -> float:
+        """Activate these adapters (all at scale 1; none = the plain base) and return the seconds the switch took."""
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise LabkitError(f"adapter {unknown[0]!r} is not loaded (loaded: {sorted(self.adapters)})")
+        import ctypes
+
+        start = time.perf_counter()
+        handles = (self._lib.llama_adapter_lora_p_ctypes * len(names))(*(self.adapters[n] for n in names))
+        scales = (ctypes.c_float * len(names))(*[1.0] * len(names))
+        if self._lib.llama_set_adapters_lora(self.llm._ctx.ctx, handles, len(names), scales):
+            raise LabkitError(f"llama.cpp refused the adapters {list(names)}")
+        self.llm.reset()  # the cached prompt was computed with the other adapters: never reuse it
+        self.active = tuple(names)
+        return time.perf_counter() - start
+
+    def chat(self, messages: list[dict], max_tokens: int = 48) -> str:
+        """One greedy chat reply with the active adapters (no repeat penalty, as `chat` asks of the server)."""
+        out = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                              repeat_penalty=1.0)
+        return (out["choices"][0]["message"]["content"] or "").strip()
+
+    def close(self) -> None:
+        """Free the adapters, then the model."""
+        for handle in self.adapters.values():
+            self._lib.llama_adapter_lora_free(handle)
+        self.adapters = {}
+        self.llm.close()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from labkit import LabkitError
-from labkit.export import cached_gguf, export_gguf, gguf_name, load_gguf_model, permute_rows, unpermute_rows, weights_digest
+from labkit.export import (cached_gguf, export_gguf, export_lora_gguf, gguf_name, load_gguf_model, lora_factors,
+                           permute_rows, unpermute_rows, weights_digest)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,3 +133,45 @@ def test_cached_gguf_exports_once(model, small_tokenizer, tmp_path, monkeypatch)
     first = cached_gguf(model, small_tokenizer, "Q8_0", name="tiny")
     stamp = first.stat().st_mtime_ns
     assert cached_gguf(model, small_tokenizer, "Q8_0", name="tiny") == first and first.stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------- LoRA adapters as llama.cpp adapter files
+
+
+@pytest.fixture(scope="module")
+def lora_model(model):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from labkit.lora import randomize_adapters
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                                adapter_name="triage")
+    return randomize_adapters(peft_model, seed=1)
+
+
+def test_lora_factors_fold_the_scaling_into_b_and_permute_q_and_k_rows_like_the_base(lora_model, model):
+    layer = lora_model.get_base_model().model.layers[0].self_attn
+    a, b = lora_factors(lora_model, "triage")["blk.0.attn_q.weight"]
+    delta = (layer.q_proj.lora_B["triage"].weight @ layer.q_proj.lora_A["triage"].weight).detach().numpy() * 2.0
+    np.testing.assert_allclose(b @ a, permute_rows(delta, model.config.num_attention_heads), atol=1e-6)
+    a, b = lora_factors(lora_model, "triage")["blk.0.attn_v.weight"]  # v is not permuted
+    delta = (layer.v_proj.lora_B["triage"].weight @ layer.v_proj.lora_A["triage"].weight).detach().numpy() * 2.0
+    np.testing.assert_allclose(b @ a, delta, atol=1e-6)
+
+
+def test_a_lora_export_is_a_gguf_adapter_file_with_both_factors_of_every_layer(lora_model, tmp_path):
+    import gguf
+
+    reader = gguf.GGUFReader(export_lora_gguf(lora_model, "triage", tmp_path / "triage.gguf"))
+    kinds = {str(bytes(reader.fields[k].parts[-1]), "utf-8") for k in ["general.type", "adapter.type"]}
+    names = {t.name for t in reader.tensors}
+    assert kinds == {"adapter", "lora"} and len(names) == 2 * 7 * 2  # 7 linear layers x 2 layers, lora_a + lora_b
+    assert {"blk.1.ffn_down.weight.lora_a", "blk.1.ffn_down.weight.lora_b"} <= names
+
+
+def test_a_lora_export_of_an_adapter_that_is_not_loaded_is_refused_and_writes_nothing(lora_model, tmp_path):
+    with pytest.raises(LabkitError, match="not loaded"):
+        export_lora_gguf(lora_model, "reply", tmp_path / "reply.gguf")
+    assert not (tmp_path / "reply.gguf").exists()
