@@ -44,8 +44,13 @@ PROFILES: dict[str, dict] = {
         # 07: test tickets every system is scored on, tickets the LLM judge grades, reply prompts for ROUGE/BLEU
         "eval_tickets": 100, "judge_tickets": 40, "reply_eval_prompts": 32,
         # 08: merged vs unmerged and the 4-bit merge, the served model per quantization level, load and routing
-        "deploy_tickets": 16, "deploy_served_tickets": 8, "deploy_concurrency": 4, "deploy_routed_requests": 6,
+        "deploy_tickets": 12, "deploy_served_tickets": 6, "deploy_concurrency": 3, "deploy_routed_requests": 3,
         "deploy_reply_steps": 12,
+        # 08: merging the triage and reply adapters: each merge is scored on these tickets, reply prompts, probes
+        "merge_tickets": 32, "merge_replies": 32, "merge_probes": 40,
+        "merge_grid": {"linear": [0.2, 0.5, 1.0], "ties": [0.2, 0.5], "dare_linear": [0.2, 0.5]},  # triage weights
+        "deploy_schema_tickets": 4,  # 08: tickets sent to llama.cpp with the JSON schema (and to labkit's grammar)
+        "deploy_adapter_requests": 2,  # 08: requests per task on llama.cpp with per-request adapters
         # 09: the same run on one process and on two (torchrun, gloo)
         "scale_steps": 6, "scale_batch_size": 4, "scale_examples": 64, "scale_max_length": 128,
         # 10: GRPO runs (steps x prompts per step x replies per prompt), the prompts they draw from, the test tickets
@@ -72,6 +77,9 @@ PROFILES: dict[str, dict] = {
         "eval_tickets": 200, "judge_tickets": 200, "reply_eval_prompts": 100,
         "deploy_tickets": 200, "deploy_served_tickets": 200, "deploy_concurrency": 8, "deploy_routed_requests": 12,
         "deploy_reply_steps": 60,
+        "merge_tickets": 200, "merge_replies": 100, "merge_probes": 120,
+        "merge_grid": {method: [0.2, 0.35, 0.5, 0.75, 1.0] for method in ["linear", "ties", "dare_linear"]},
+        "deploy_schema_tickets": 200, "deploy_adapter_requests": 50,
         "scale_steps": 6, "scale_batch_size": 4, "scale_examples": 64, "scale_max_length": 128,
         "grpo_steps": 100, "grpo_prompts": 8, "grpo_k": 16, "grpo_tokens": 96, "grpo_lr": 1e-4,
         "grpo_train_tickets": 512, "grpo_eval_tickets": 200,
