@@ -12,6 +12,8 @@ updates of several adapters into one:
 peft's `add_weighted_adapter` names the same methods but applies `linear`, `ties` and `dare_*` to the A factors and
 the B factors separately (cheap, but B_new @ A_new then has cross terms B_i @ A_j); its `cat`, `svd` and `*_svd`
 types work on the full updates. `merge_adapters` does the latter, `merge_factors` the former; tests prove both.
+`merge_state_dicts` merges whole fine-tuned models the same way, proven equal to mergekit's `task_arithmetic`
+and `ties` (tests/test_merge.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Merging LoRA task adapters from scratch (labkit.merge), proven equal to peft's `add_weighted_adapter`.
+"""Merging LoRA task adapters from scratch (labkit.merge), proven equal to peft's `add_weighted_adapter`, and whole
+models, proven equal to mergekit.
 
 peft's `cat`, `svd` and `*_svd` combination types merge the full updates (B @ A) * scaling, as labkit's
 `merge_adapters` does; its `linear`, `ties` and `dare_*` types merge the A and B factors apart, as `merge_factors`
@@ -300,3 +301,52 @@ def test_merge_state_dicts_adds_the_merged_task_vectors_to_the_base():
                                [1.0, 1.0], "ties", 0.5)
     assert torch.allclose(merged["w"], torch.tensor([0.5, 0.0, 0.0, -0.5]))
     assert merged["steps"] is base["steps"]  # integers are not task vectors: kept from the base
+
+
+# ---------------------------------------------------------------- whole models: mergekit, the tool teams merge with
+# mergekit's task_arithmetic is our linear merge of task vectors; its ties (normalize on, the default) is ours at
+# weight 1 (with other weights the two differ by convention: mergekit elects signs after weighting and divides by the
+# agreeing weights' sum, we follow peft: elect first, divide by the count). Its DARE draws its masks from its own
+# random stream and rescales to keep each update's L1 norm, so DARE is compared with peft only (above).
+
+
+@pytest.fixture(scope="module")
+def saved_models(tiny_llama, tmp_path_factory):
+    """A tiny Llama base and two fine-tunes of it (every weight nudged), saved as safetensors folders."""
+    folder = tmp_path_factory.mktemp("mergekit")
+    models = {}
+    for name, seed in [("base", None), ("a", 1), ("b", 2)]:
+        model = tiny_llama(0)
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(folder / name)
+        models[name] = model.state_dict()
+    return folder, models
+
+
+def mergekit_merge(folder, method: str, weights: list[float], density: float = 1.0) -> dict[str, torch.Tensor]:
+    """mergekit's merge of folders a and b onto base, read back as a state dict."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from safetensors.torch import load_file
+
+    parameters = lambda w: {"weight": w, "density": density} if method == "ties" else {"weight": w}  # noqa: E731
+    config = MergeConfiguration.model_validate({
+        "merge_method": method, "base_model": str(folder / "base"), "dtype": "float32",
+        "models": [{"model": str(folder / name), "parameters": parameters(w)} for name, w in zip("ab", weights)]})
+    out = folder / f"out-{method}"
+    run_merge(config, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    return {k: v for path in sorted(out.glob("*.safetensors")) for k, v in load_file(path).items()}
+
+
+@pytest.mark.parametrize("method, ours, weights, density", [("task_arithmetic", "linear", [0.7, 0.4], 1.0),
+                                                            ("ties", "ties", [1.0, 1.0], 0.5)])
+def test_merge_state_dicts_equals_mergekit_on_whole_models(saved_models, method, ours, weights, density):
+    folder, models = saved_models
+    theirs = mergekit_merge(folder, method, weights, density)
+    merged = merge_state_dicts(models["base"], [models["a"], models["b"]], weights, ours, density)
+    assert theirs and theirs.keys() <= merged.keys()
+    assert max((merged[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-6  # measured: 0.0, the same float ops
