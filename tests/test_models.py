@@ -64,10 +64,10 @@ def test_command_line_error_is_a_few_lines_and_exit_code_2(tmp_path):
 
 def test_the_converted_offline_copy_is_recognised_as_not_the_hubs_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
-    converted = models.cache_dir(models.SMOLLM2_135M)
+    converted = models.model_dir(models.SMOLLM2_135M)
     assert models.from_offline_copy(models.SMOLLM2_135M, str(converted))
     assert not models.from_offline_copy(models.SMOLLM2_135M, models.SMOLLM2_135M)  # the Hub id: original weights
-    assert not models.from_offline_copy("some/other-model", str(models.cache_dir("some/other-model")))
+    assert not models.from_offline_copy("some/other-model", str(models.model_dir("some/other-model")))
 
 
 def test_the_offline_note_names_the_file_and_says_online_numbers_differ():

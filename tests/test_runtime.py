@@ -173,6 +173,18 @@ def test_runtime_report_says_when_other_jobs_leave_fewer_free_cores_than_threads
     assert ("busy" in text and "LABKIT_THREADS" in text) == warned
 
 
+@pytest.mark.parametrize("converted", [False, True])
+def test_runtime_report_names_the_offline_weights_once_they_are_converted(monkeypatch, tmp_path, converted):
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    rt = runtime.Runtime("cpu", torch.float32, 2, "cpu", {"model": runtime.SMOLLM2_135M})
+    if converted:
+        folder = runtime.model_dir(rt.model_name)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    text = str(rt)
+    assert ("weights  the offline copy" in text and "Q4_1" in text) == converted
+
+
 def test_busy_cores_is_a_share_of_this_machines_cores():
     busy = runtime.busy_cores(interval=0.05)
     assert busy is None or 0 <= busy <= (runtime.os.cpu_count() or 1)
