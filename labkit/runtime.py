@@ -34,7 +34,7 @@ PROFILES: dict[str, dict] = {
         "qlora_batch_size": 2, "qlora_micro_batch": 1, "qlora_lr": 4e-3, "qlora_val": 40, "qlora_show": 2,
         # 05: the running example's SFT (06-08 build on this adapter); steps x batch x lr from benchmarks/budget_sweep.py
         "batch_size": 4, "sft_steps": 120, "sft_lr": 2e-3, "eval_every": 40, "val_examples": 24,
-        "baseline_examples": 20, "overfit_steps": 20,
+        "baseline_examples": 200, "overfit_steps": 20,  # the prompt baseline on the whole test split (cached)
         "full_ft_lr": 5e-5,  # 05: full fine-tuning on the main run's batches (every weight moves: a far lower lr)
         # 06: reference SFT on replies, then DPO, and the held-out measurements
         "reply_sft_steps": 24, "dpo_steps": 10, "dpo_batch_size": 4, "dpo_lr": 2e-4, "dpo_beta": 0.1,
