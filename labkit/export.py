@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from labkit import LabkitError
+from labkit.merge import check_loaded, lora_modules
 from labkit.paths import cache_root
 from labkit.store import StoreError, cached, write_file
 
@@ -171,9 +172,7 @@ def export_lora_gguf(model, adapter: str, path: str | Path, name: str = "adapter
     base_config = model.get_base_model().config
     if base_config.model_type != "llama":
         raise LabkitError(f"model_type={base_config.model_type!r}: export_lora_gguf writes Llama adapters only")
-    if adapter not in model.peft_config:
-        raise LabkitError(f"adapter {adapter!r} is not loaded (loaded: {sorted(model.peft_config)}). Fix: "
-                          "model.load_adapter(folder, adapter_name=...)")
+    check_loaded(model, [adapter])
     return write_file(path, lambda tmp: write_lora_gguf(model, adapter, tmp, name))
 
 
@@ -181,8 +180,8 @@ def lora_factors(model, adapter: str) -> dict[str, tuple[np.ndarray, np.ndarray]
     """(A, scaling * B) of every layer `adapter` wraps, by the layer's GGUF weight name, q/k rows permuted."""
     config = model.get_base_model().config
     factors = {}
-    for layer_name, module in model.get_base_model().named_modules():
-        if adapter not in getattr(module, "lora_A", {}):
+    for layer_name, module in lora_modules(model).items():
+        if adapter not in module.lora_A:
             continue
         if module.use_dora.get(adapter, False):
             raise LabkitError(f"adapter {adapter!r} is DoRA: llama.cpp's adapters are plain LoRA. Fix: merge it "
