@@ -50,14 +50,21 @@ def generate(
 
 
 def cached_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, model_key: str,
-                    progress: bool = True, batch_size: int = 32, logits_processor=None) -> list[str]:
+                    progress: bool = True, batch_size: int = 32, logits_processor=None,
+                    precision_of=None) -> list[str]:
     """`generate`'s replies, cached on disk by content: `model_key` (which weights) + the prompts + the length.
 
     `model_key` must name the weights exactly (e.g. the base model's name and the cached adapter folders' names,
     which are hashes of data and configuration): a wrong key returns another model's replies. A `logits_processor`
-    must name itself with a `cache_key` (as `labkit.constrain.GrammarLogitsProcessor` does).
+    must name itself with a `cache_key` (as `labkit.constrain.GrammarLogitsProcessor` does). `model` may also be a
+    function that builds the model, called only on a cache miss (for models costly to make, e.g. merges); then
+    `precision_of` is a model with the same dtype and device, whose precision goes into the key.
     """
-    parameter = next(model.parameters())  # the precision it runs in changes greedy replies, so it is part of the key
+    built = isinstance(model, torch.nn.Module)
+    if not built and not isinstance(precision_of, torch.nn.Module):
+        raise LabkitError("cached_generate: `model` is a builder function, so pass `precision_of=` a model with the "
+                          "dtype and device the built model will have (its precision is part of the cache key)")
+    parameter = next((model if built else precision_of).parameters())  # precision changes greedy replies: in the key
     precision = f"{parameter.dtype}, {parameter.device.type}, autocast {pick_amp_dtype(parameter.device.type)}"
     key = {"model": model_key, "conversations": conversations, "max_new_tokens": max_new_tokens, "precision": precision}
     if batch_size != 32:  # padding differs with the batch, so replies may too; the default stays out of older keys
@@ -69,7 +76,7 @@ def cached_generate(model, tokenizer, conversations: list[list[dict]], max_new_t
         key["logits_processor"] = logits_processor.cache_key
     path = cache_root() / "replies" / f"{content_key(key, length=24)}.json"
     return cached(path, lambda p: read_replies(p, len(conversations)),
-                  lambda: generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
+                  lambda: generate(model if built else model(), tokenizer, conversations, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=progress, logits_processor=logits_processor),
                   lambda replies, tmp: tmp.write_text(json.dumps({"model": model_key, "replies": replies}),
                                                       encoding="utf-8"))

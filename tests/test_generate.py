@@ -121,3 +121,33 @@ def test_cached_generate_keys_replies_by_model_length_and_batch_size(smollm2, tm
         evaluate.cached_generate(model, tokenizer, conversations, length, model_key=key, progress=False,
                                  batch_size=batch)
     assert [c["batch_size"] for c in calls] == [32, 32, 32, 64]
+
+
+def test_cached_generate_builds_a_model_only_on_a_cache_miss(smollm2, tmp_path, monkeypatch):
+    import labkit.evaluate as evaluate
+
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    model, tokenizer = smollm2
+    conversations = [[{"role": "user", "content": "Say hi."}]]
+    builds = []
+
+    def build():
+        builds.append(1)
+        return model
+
+    first = evaluate.cached_generate(build, tokenizer, conversations, 4, model_key="smollm2", progress=False,
+                                     precision_of=model)
+    again = evaluate.cached_generate(build, tokenizer, conversations, 4, model_key="smollm2", progress=False,
+                                     precision_of=model)
+    assert first == again == evaluate.cached_generate(model, tokenizer, conversations, 4, model_key="smollm2",
+                                                      progress=False)
+    assert len(builds) == 1
+
+
+def test_cached_generate_asks_for_the_precision_of_a_builder(tmp_path, monkeypatch):
+    import labkit.evaluate as evaluate
+    from labkit import LabkitError
+
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    with pytest.raises(LabkitError, match="precision_of"):
+        evaluate.cached_generate(lambda: None, None, [], 4, model_key="m", progress=False)
