@@ -1,7 +1,7 @@
 """Teaching diagrams drawn in code from labkit's own numbers, so they stay true (notebooks 03, 04, 06).
 
 Each function returns a matplotlib Figure: the LoRA data path of one linear layer, the NF4 code with
-blockwise absmax scaling, and the SFT -> DPO pipeline. Frozen weights are grey, trainable ones orange.
+blockwise absmax scaling, and the SFT -> preference pipeline (DPO, KTO, ORPO). Frozen weights are grey, trainable ones orange.
 """
 
 from __future__ import annotations
@@ -170,30 +170,34 @@ DPO_LOSS = (r"$\mathrm{loss} = -\log\,\sigma\left(\beta\,\left[\left(\log\pi(\ma
 
 
 def preference_flow(beta: float = 0.1) -> Figure:
-    """Notebooks 05-06: base model -> SFT -> SFT model as frozen reference and trainable policy -> DPO model."""
-    fig, ax = _canvas(10, 4.5)  # beta's default is labkit.dpo.DPOConfig.beta (not imported: peft is slow)
-    ax.text(0.2, 8.55, "From SFT to DPO in labkit (notebooks 05-06)", fontsize=12, weight="bold")
-    _box(ax, 2.2, 7.0, 3.7, 1.1, "base model\nSmolLM2-135M-Instruct", FROZEN)
-    _box(ax, 2.2, 4.85, 3.7, 1.5, "SFT  (notebook 05)\nLoRA on ticket triage:\nonly the adapter trains", TRAINABLE)
-    _box(ax, 2.2, 2.7, 3.7, 1.3, "SFT model\nadapter merged into\nthe base weights", FROZEN)
-    _arrow(ax, (2.2, 6.4), (2.2, 5.65))
-    _arrow(ax, (2.2, 4.05), (2.2, 3.4))
-    _box(ax, 7.45, 6.0, 4.1, 1.7, "reference = SFT model (frozen)\nthe policy with its adapter\n"
-         "switched off: no second\ncopy in memory", FROZEN, size=8.5)
-    _box(ax, 7.45, 3.0, 4.1, 1.7, "policy = SFT model\n+ a new LoRA (trainable)\nB = 0, so it starts\n"
-         "equal to the reference", TRAINABLE, size=8.5)
-    _arrow(ax, (4.15, 2.9), (5.3, 5.5))
-    _arrow(ax, (4.15, 2.8), (5.3, 2.95))
-    _box(ax, 14.0, 7.4, 4.2, 0.8, "(prompt, chosen, rejected) pairs", size=8.5)
-    _box(ax, 14.0, 4.5, 3.6, 1.9, f"DPO  (notebook 06)\nbeta = {beta:g}\nupdates the policy's\nLoRA only",
-         TRAINABLE)
-    _arrow(ax, (14.0, 6.95), (14.0, 5.5))
-    _arrow(ax, (9.6, 6.0), (12.1, 5.1), r"$\log\mathrm{ref}(y|x)$" + "\nno gradient", offset=(0.2, 0.3))
-    _arrow(ax, (9.6, 3.0), (12.1, 3.9), r"$\log\pi(y|x)$", offset=(0.2, -0.35), va="top")
-    _box(ax, 18.3, 4.5, 2.8, 1.5, "DPO model\nSFT model +\nDPO adapter")
-    _arrow(ax, (15.9, 4.5), (16.85, 4.5))
-    ax.text(10.0, 1.15, DPO_LOSS, ha="center", va="center", fontsize=11)
-    ax.text(10.0, 0.45, r"$\pi$: the policy, ref: the reference; each log-prob is summed over the reply's tokens",
-            ha="center", va="center", fontsize=8.5, color="#555555")
+    """Notebooks 05-06: base -> SFT -> reply SFT (the reference) -> DPO and KTO; ORPO from the SFT model directly."""
+    fig, ax = _canvas(12, 6.5)  # beta's default is labkit.dpo.DPOConfig.beta (not imported: peft is slow)
+    ax.text(0.2, 12.4, "From SFT to preferences in labkit (notebooks 05-06)", fontsize=12, weight="bold")
+    _box(ax, 2.6, 10.3, 4.2, 1.1, "base model\nSmolLM2-135M-Instruct", FROZEN)
+    _box(ax, 2.6, 7.9, 4.2, 1.5, "SFT  (notebook 05)\nLoRA on ticket triage:\nonly the adapter trains", TRAINABLE)
+    _box(ax, 2.6, 5.5, 4.2, 1.3, "SFT model\nadapter merged into\nthe base weights", FROZEN)
+    _arrow(ax, (2.6, 9.75), (2.6, 8.65))
+    _arrow(ax, (2.6, 7.15), (2.6, 6.15))
+    _box(ax, 8.3, 7.9, 4.4, 1.5, "reply SFT  (06)\nboth replies of each pair\n+ as many triage examples", TRAINABLE,
+         size=8.5)
+    _box(ax, 8.3, 5.5, 4.4, 1.3, "reference\nreply adapter merged:\nwrites replies", FROZEN, size=8.5)
+    _arrow(ax, (4.7, 5.8), (6.1, 7.4))
+    _arrow(ax, (8.3, 7.15), (8.3, 6.15))
+    _box(ax, 15.2, 11.1, 5.0, 0.8, "(prompt, chosen, rejected) pairs", size=8.5)
+    _box(ax, 15.2, 8.9, 5.8, 1.9, f"DPO  (06), beta = {beta:g}\npolicy = reference + a new LoRA\n(trainable, "
+         "B = 0: starts equal);\nreference = the policy with\nits adapter switched off", TRAINABLE, size=8)
+    _box(ax, 15.2, 5.5, 5.8, 1.5, "KTO  (06)\nthe pairs' replies, one by one,\nthumbs up or down; "
+         "same reference", TRAINABLE, size=8)
+    _box(ax, 15.2, 2.3, 5.8, 1.5, "ORPO  (06)\nthe pairs + one triage example\nper pair, replayed; no reference", TRAINABLE, size=8)
+    _arrow(ax, (15.2, 10.7), (15.2, 9.85))
+    _arrow(ax, (10.5, 5.7), (12.3, 8.3))
+    _arrow(ax, (10.5, 5.5), (12.3, 5.5))
+    _arrow(ax, (2.6, 4.85), (12.3, 2.3))
+    for y, name in [(8.9, "DPO"), (5.5, "KTO"), (2.3, "ORPO")]:
+        _box(ax, 21.6, y, 3.8, 1.2, f"{name} model\n(start + {name} adapter)", size=8.5)
+        _arrow(ax, (18.1, y), (19.7, y))
+    ax.text(12.0, 0.75, DPO_LOSS, ha="center", va="center", fontsize=10.5)
+    ax.text(12.0, 0.1, r"DPO's loss. $\pi$: the policy, ref: the reference; each log-prob is summed over the reply's "
+            "tokens", ha="center", va="center", fontsize=8.5, color="#555555")
     _legend(ax, "upper right")
     return fig

@@ -67,10 +67,13 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
     Labels are the reply tokens and -100 on the prompt, so a sequence's log-prob covers its reply only.
     """
-    def as_row(r: dict, side: str) -> dict[str, list[int]]:
-        return {"input_ids": r["prompt_ids"] + r[side], "labels": [IGNORE] * len(r["prompt_ids"]) + r[side]}
+    return collate([pair_sequence(r, "chosen_ids") for r in rows] + [pair_sequence(r, "rejected_ids") for r in rows],
+                   pad_id)
 
-    return collate([as_row(r, "chosen_ids") for r in rows] + [as_row(r, "rejected_ids") for r in rows], pad_id)
+
+def pair_sequence(row: dict, side: str) -> dict[str, list[int]]:
+    """One side of a tokenized pair as a sequence: prompt + reply ids, labels on the reply only."""
+    return {"input_ids": row["prompt_ids"] + row[side], "labels": [IGNORE] * len(row["prompt_ids"]) + row[side]}
 
 
 def count_pairs(batch: dict[str, torch.Tensor]) -> int:

@@ -1,7 +1,9 @@
 """ORPO and KTO from scratch, next to DPO: the same pairs, labkit.sft's loop, one loss each.
 
 ORPO (Hong et al., 2024) needs no reference model: an SFT loss on the chosen reply plus an odds-ratio term
-that makes the chosen reply's odds beat the rejected one's, so SFT and preference tuning are one stage.
+that makes the chosen reply's odds beat the rejected one's, so SFT and preference tuning are one stage. Its
+examples may mix in plain SFT conversations ({"messages": ...}) that replay an earlier task: those get the SFT
+term only, as they would in a reply-SFT stage.
 KTO (Ethayarajh et al., 2024) needs no pairs: each example is one reply labelled desirable or undesirable
 (thumbs up or down), scored against the reference and against a batch-level KL estimate z0.
 Both losses follow TRL's ORPOTrainer.odds_ratio_loss and KTOTrainer (tests/test_preference.py proves it).
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from labkit.dpo import collate_pairs, count_pairs, pair_length, reference_logps, sequence_logps, tokenize_pair
+from labkit import LabkitError
+from labkit.dpo import pair_length, pair_sequence, reference_logps, sequence_logps, tokenize_pair
 from labkit.paths import cache_root
 from labkit.sft import IGNORE, Objective, SFTConfig, SFTResult, cached_adapter_run, collate, run_key, train_loop
 
@@ -49,22 +52,58 @@ def odds_ratio_loss(chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.
     return -beta * F.logsigmoid(log_odds(chosen_mean_logps.float()) - log_odds(rejected_mean_logps.float()))
 
 
-def orpo_loss(model, batch: dict[str, torch.Tensor], beta: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
-    """Summed per-pair ORPO loss (NLL of the chosen reply per token + odds-ratio term) and TRL's metrics, summed.
+def tokenize_orpo(tokenizer, example: dict, max_length: int | None = None) -> dict:
+    """A pair split as `tokenize_pair` splits it; a replayed conversation ({"messages": [..., assistant]}) as a
+    pair whose rejected reply is None (it gets ORPO's SFT term only)."""
+    if "messages" not in example:
+        return tokenize_pair(tokenizer, example, max_length)
+    messages = example["messages"]
+    if not messages or messages[-1].get("role") != "assistant":
+        raise LabkitError(f"ORPO replay example {str(messages)[:80]}...: its last message must be the assistant's "
+                          "reply (the SFT target). Fix: end each replayed conversation with an assistant message")
+    row = tokenize_pair(tokenizer, {"prompt": messages[:-1], "chosen": messages[-1:], "rejected": messages[-1:]},
+                        max_length)
+    return {**row, "rejected_ids": None}
 
-    One forward pass over chosen and rejected sequences: no reference model, no adapter switched off.
+
+def collate_orpo(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate_pairs`' layout for ORPO's rows: every row's prompt+chosen, then prompt+rejected of the real pairs only.
+
+    `paired` marks which rows are pairs; for pairs alone the other tensors are exactly `collate_pairs`' batch.
+    """
+    pairs = [r for r in rows if r["rejected_ids"] is not None]
+    batch = collate([pair_sequence(r, "chosen_ids") for r in rows] + [pair_sequence(r, "rejected_ids") for r in pairs],
+                    pad_id)
+    batch["paired"] = torch.tensor([r["rejected_ids"] is not None for r in rows])
+    return batch
+
+
+def count_rows(batch: dict[str, torch.Tensor]) -> int:
+    """Number of ORPO examples (pairs and replayed conversations) in a batch."""
+    return len(batch["paired"]) if "paired" in batch else batch["input_ids"].shape[0] // 2
+
+
+def orpo_loss(model, batch: dict[str, torch.Tensor], beta: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed ORPO loss per example (NLL of the chosen reply per token + odds-ratio term) and TRL's metrics, summed.
+
+    One forward pass over chosen and rejected sequences: no reference model, no adapter switched off. A replayed
+    conversation (`paired` False, from `collate_orpo`) adds its NLL only; the metrics sum over the pairs, and
+    `pairs` counts them (the loop divides every metric by all examples: divide by `pairs` for means over pairs).
     """
     sums = sequence_logps(model, batch)
     mean = sums / reply_tokens(batch).clamp(min=1).to(sums)  # log-prob per reply token
-    chosen, rejected = mean.chunk(2)
-    nll = -chosen  # the SFT term: mean negative log-likelihood of each chosen reply's tokens
+    n = count_rows(batch)
+    paired = batch.get("paired", torch.ones(n, dtype=torch.bool)).to(mean.device)
+    nll = -mean[:n]  # the SFT term: mean negative log-likelihood of each chosen reply's tokens (replayed ones too)
+    chosen, rejected = mean[:n][paired], mean[n:]
     ratio = odds_ratio_loss(chosen, rejected, beta)
     odds = log_odds(chosen.detach()) - log_odds(rejected.detach())
     metrics = {"rewards/chosen": beta * chosen.detach(), "rewards/rejected": beta * rejected.detach(),
                "rewards/accuracies": (chosen.detach() > rejected.detach()).float(),
                "rewards/margins": beta * (chosen.detach() - rejected.detach()),
-               "nll_loss": nll.detach(), "log_odds_ratio": F.logsigmoid(odds), "log_odds_chosen": odds}
-    return (nll + ratio).sum(), {k: v.sum().item() for k, v in metrics.items()}
+               "nll_loss": nll[paired].detach(), "log_odds_ratio": F.logsigmoid(odds), "log_odds_chosen": odds,
+               "pairs": paired.float()}
+    return nll.sum() + ratio.sum(), {k: v.sum().item() for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------- KTO: single replies, thumbs up or down
@@ -197,9 +236,13 @@ class KTOConfig(SFTConfig):
 
 
 def orpo_objective(beta: float = 0.1) -> Objective:
-    """The ORPO objective for labkit.sft.train_loop: pairs in, NLL + odds-ratio loss out, one unit per pair."""
-    return Objective(name="ORPO", tokenize=tokenize_pair, collate=collate_pairs, loss=partial(orpo_loss, beta=beta),
-                     units=count_pairs, length=pair_length, loss_label="ORPO loss per pair")
+    """The ORPO objective for labkit.sft.train_loop: pairs (and replayed conversations) in, NLL + odds-ratio loss
+    out, one unit per example."""
+    def length(row: dict) -> int:
+        return len(row["prompt_ids"]) + len(row["chosen_ids"]) if row["rejected_ids"] is None else pair_length(row)
+
+    return Objective(name="ORPO", tokenize=tokenize_orpo, collate=collate_orpo, loss=partial(orpo_loss, beta=beta),
+                     units=count_rows, length=length, loss_label="ORPO loss per example")
 
 
 def kto_objective(beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Objective:

@@ -7,6 +7,7 @@ moment one copy drifted, so 06, 07, 08 and 10 call these functions instead of co
 
     triage SFT (05) -> reply SFT (06, the DPO reference) -> DPO (06)
                    \\-> ORPO (06, from the SFT model)      \\-> KTO (06, from the reference)
+    Reply SFT and ORPO replay triage examples in the same share, so every preference method keeps triage alike.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def dpo_config(budget: dict) -> DPOConfig:
 
 
 def orpo_config(budget: dict) -> ORPOConfig:
-    """06's ORPO run: SFT and preference in one loss, from the triage SFT model."""
-    return ORPOConfig(steps=budget["orpo_steps"], batch_size=budget["dpo_batch_size"], lr=budget["orpo_lr"],
+    """06's ORPO run: SFT and preference in one loss, from the triage SFT model, for as many steps as the two
+    stages it replaces (reply SFT + DPO) together."""
+    return ORPOConfig(steps=budget["reply_sft_steps"] + budget["dpo_steps"], batch_size=budget["dpo_batch_size"],
+                      lr=budget["orpo_lr"],
                       beta=budget["orpo_beta"], r=8, lora_alpha=16, warmup_ratio=0.1, seed=0)
 
 
@@ -51,6 +54,15 @@ def reply_rows(pairs: list[dict], train: list[dict]) -> list[dict]:
     """Reply SFT's data: both replies of every pair, plus as many triage examples replayed so triage is kept."""
     rows = [{"messages": p["prompt"] + p[side]} for p in pairs for side in ("chosen", "rejected")]
     return rows + train[: len(rows)]
+
+
+def orpo_rows(pairs: list[dict], train: list[dict]) -> list[dict]:
+    """ORPO's data: every pair, plus triage examples replayed as reply SFT replays them (one per reply it imitates).
+
+    Reply SFT imitates both replies of a pair and replays one triage example for each; ORPO's SFT term imitates
+    the chosen reply only, so one triage example per pair keeps the same share of triage in what is imitated.
+    """
+    return pairs + train[: len(pairs)]
 
 
 def triage_sft(base, tokenizer, model_name: str, train: list[dict], validation: list[dict], budget: dict,
@@ -77,10 +89,11 @@ def dpo(reference, tokenizer, reference_name: str, pairs: list[dict], budget: di
     return result, folder, f"{reference_name}+{folder.name}"
 
 
-def orpo(sft_model, tokenizer, sft_name: str, pairs: list[dict], budget: dict,
+def orpo(sft_model, tokenizer, sft_name: str, pairs: list[dict], train: list[dict], budget: dict,
          **train_kwargs) -> tuple[SFTResult, Path, str]:
-    """06's ORPO run on the merged triage model."""
-    result, folder = cached_preference(sft_model, tokenizer, sft_name, pairs, orpo_config(budget), **train_kwargs)
+    """06's ORPO run on the merged triage model, on the pairs with triage replayed (`orpo_rows`)."""
+    result, folder = cached_preference(sft_model, tokenizer, sft_name, orpo_rows(pairs, train), orpo_config(budget),
+                                       **train_kwargs)
     return result, folder, f"{sft_name}+{folder.name}"
 
 

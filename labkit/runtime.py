@@ -39,9 +39,8 @@ PROFILES: dict[str, dict] = {
         # 06: reference SFT on replies, then DPO, and the held-out measurements
         "reply_sft_steps": 24, "dpo_steps": 10, "dpo_batch_size": 4, "dpo_lr": 2e-4, "dpo_beta": 0.1,
         "heldout_pairs": 32, "greeting_prompts": 48, "greeting_tokens": 10, "triage_tickets": 64,
-        # 06: ORPO (from 05's SFT model, no reference) and KTO (from DPO's reference) on the same pairs
-        "orpo_steps": 24, "orpo_lr": 1e-3, "orpo_beta": 0.1, "kto_steps": 10, "kto_lr": 2e-4, "kto_beta": 0.1,
-        "compare_triage_tickets": 16,
+        # 06: ORPO (from 05's SFT model, no reference; as many steps as reply SFT + DPO, runs.orpo_config) and KTO
+        "orpo_lr": 1e-3, "orpo_beta": 0.1, "kto_steps": 10, "kto_lr": 2e-4, "kto_beta": 0.1,
         # 07: test tickets every system is scored on, tickets the LLM judge grades, reply prompts for ROUGE/BLEU
         "eval_tickets": 100, "judge_tickets": 40, "reply_eval_prompts": 32,
         # 08: merged vs unmerged and the 4-bit merge, the served model per quantization level, load and routing
@@ -73,8 +72,7 @@ PROFILES: dict[str, dict] = {
         "full_ft_lr": 1e-5,
         "reply_sft_steps": 60, "dpo_steps": 150, "dpo_batch_size": 8, "dpo_lr": 5e-5, "dpo_beta": 0.1,
         "heldout_pairs": 100, "greeting_prompts": 100, "greeting_tokens": 16, "triage_tickets": 200,
-        "orpo_steps": 200, "orpo_lr": 2e-4, "orpo_beta": 0.1, "kto_steps": 150, "kto_lr": 5e-5, "kto_beta": 0.1,
-        "compare_triage_tickets": 200,
+        "orpo_lr": 2e-4, "orpo_beta": 0.1, "kto_steps": 150, "kto_lr": 5e-5, "kto_beta": 0.1,
         "eval_tickets": 200, "judge_tickets": 200, "reply_eval_prompts": 100,
         "deploy_tickets": 200, "deploy_served_tickets": 200, "deploy_concurrency": 8, "deploy_routed_requests": 12,
         "deploy_reply_steps": 60,

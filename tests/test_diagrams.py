@@ -97,6 +97,12 @@ def test_preference_flow_names_reference_policy_and_the_dpo_loss():
                  r"\log\mathrm{ref}(\mathrm{rejected})")
 
 
+def test_preference_flow_shows_every_stage_the_course_trains():
+    fig = diagrams.preference_flow()
+    assert shows(fig, "SFT  (notebook 05)", "reply SFT  (06)", "DPO  (06)", "KTO  (06)", "ORPO  (06)", "no reference",
+                 "triage example")
+
+
 def test_preference_flow_shows_the_beta_it_was_given():
     assert shows(diagrams.preference_flow(beta=0.25), "beta = 0.25")
 

@@ -11,6 +11,7 @@ from labkit.preference import (
     KTOConfig,
     ORPOConfig,
     collate_kto,
+    collate_orpo,
     count_forwards,
     kl_batch,
     kl_estimate,
@@ -22,10 +23,12 @@ from labkit.preference import (
     ranking_accuracy,
     reply_tokens,
     tokenize_example,
+    tokenize_orpo,
     train_preference,
     unpair,
 )
-from labkit.sft import IGNORE, add_lora
+from labkit import LabkitError
+from labkit.sft import IGNORE, add_lora, assistant_loss, collate, tokenize_chat
 
 from conftest import perturb_adapter
 
@@ -104,6 +107,42 @@ def test_orpo_loss_is_the_chosen_nll_plus_the_odds_ratio_term(vocab_llama, token
     expected = (-chosen + odds_ratio_loss(chosen, rejected, BETA)).sum()
     assert abs(summed.item() - expected.item()) < TOL * abs(expected.item())
     assert abs(sums["nll_loss"] + chosen.sum().item()) < 1e-4
+
+
+def replayed(pair: dict) -> dict:
+    """An SFT conversation from a pair's prompt and chosen reply, as ORPO replays an earlier task."""
+    return {"messages": pair["prompt"] + pair["chosen"]}
+
+
+def test_orpo_batch_of_pairs_alone_is_collate_pairs_batch(tokenizer, pairs):
+    rows = [tokenize_orpo(tokenizer, p) for p in pairs]
+    ours, plain = collate_orpo(rows, tokenizer.pad_token_id), collate_pairs(rows, tokenizer.pad_token_id)
+    assert all(torch.equal(ours[k], plain[k]) for k in plain) and ours["paired"].all()
+
+
+def test_orpo_replayed_conversation_tokenizes_as_sft_does(tokenizer, pairs):
+    row = tokenize_orpo(tokenizer, replayed(pairs[0]))
+    sft = tokenize_chat(tokenizer, replayed(pairs[0])["messages"])
+    assert row["rejected_ids"] is None and row["prompt_ids"] + row["chosen_ids"] == sft["input_ids"]
+    assert [t for t in sft["labels"] if t != IGNORE] == row["chosen_ids"]
+
+
+def test_orpo_replayed_conversation_adds_only_its_per_token_nll(vocab_llama, tokenizer, pairs):
+    model = vocab_llama()
+    pair_rows = [tokenize_orpo(tokenizer, p) for p in pairs[:2]]
+    replay_row = tokenize_orpo(tokenizer, replayed(pairs[2]))
+    with torch.no_grad():
+        mixed, mixed_sums = orpo_loss(model, collate_orpo(pair_rows + [replay_row], tokenizer.pad_token_id), BETA)
+        alone, alone_sums = orpo_loss(model, collate_orpo(pair_rows, tokenizer.pad_token_id), BETA)
+        nll, count = assistant_loss(model, collate([tokenize_chat(tokenizer, replayed(pairs[2])["messages"])],
+                                                   tokenizer.pad_token_id))
+    assert abs(mixed.item() - (alone.item() + nll.item() / count)) < TOL * abs(mixed.item())
+    assert mixed_sums["pairs"] == 2 and abs(mixed_sums["rewards/accuracies"] - alone_sums["rewards/accuracies"]) < TOL
+
+
+def test_orpo_replay_without_an_assistant_reply_is_refused(tokenizer, pairs):
+    with pytest.raises(LabkitError, match="assistant"):
+        tokenize_orpo(tokenizer, {"messages": pairs[0]["prompt"]})
 
 
 # ---------------------------------------------------------------- KTO, equal to TRL
