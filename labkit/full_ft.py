@@ -1,28 +1,17 @@
-"""Full fine-tuning: every weight trainable, on the same batches and loss as LoRA SFT, for a fair comparison."""
+"""Full fine-tuning: every weight trainable, on the same loop, batches and loss as LoRA SFT, for a fair comparison."""
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, ClassVar
 
 from labkit.checkpoint import CHECKSUMS, CheckpointError, verify_checksums, write_checksums
 from labkit.paths import cache_root
 from labkit.runtime import pick_amp_dtype, pick_device
-from labkit.sft import (
-    SFT,
-    accumulate_gradients,
-    data_digest,
-    keep_labelled,
-    length_grouped_batches,
-    lr_at,
-    validation_loss,
-)
+from labkit.sft import SFT, data_digest, train_loop
 from labkit.store import cached, content_key
 
 
@@ -40,6 +29,10 @@ class FullFTConfig:
     max_length: int = 512
     eval_every: int = 10
     seed: int = 0  # the same seed as an SFTConfig gives the same batches in the same order
+    # read by labkit.sft.train_loop; class constants, not fields, so they are not part of the run's cache key
+    trains: ClassVar[str] = "all"  # every weight: no adapter
+    patience: ClassVar[None] = None  # never stop early
+    checkpoint_every: ClassVar[int] = 0  # the finished run is cached (cached_full_ft); no checkpoints on the way
 
 
 @dataclass
@@ -53,49 +46,15 @@ class FullFTResult:
     train_seconds: float = 0.0
 
 
-def train_full(model, tokenizer, train: list[dict], validation: list[dict] | None,
-               config: FullFTConfig) -> FullFTResult:
-    """Fine-tune every weight of `model` with AdamW on chat examples; keep the best weights by validation loss."""
-    torch.manual_seed(config.seed)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    pad_id = tokenizer.pad_token_id
-    rows = keep_labelled([SFT.tokenize(tokenizer, ex, config.max_length) for ex in train], SFT, pad_id,
-                         config.max_length, "train")
-    val_rows = keep_labelled([SFT.tokenize(tokenizer, ex, config.max_length) for ex in validation or []], SFT,
-                             pad_id, config.max_length, "validation")
-    # the same micro-batches, in the same order, as train_sft with the same batch_size, steps x grad_accum and seed
-    schedule = length_grouped_batches([len(r["input_ids"]) for r in rows], config.batch_size,
-                                      config.steps * config.grad_accum, config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    history: list[dict] = []
-    best = {"step": 0, "val_loss": math.inf, "weights": None}
-    model.train()
-    seconds = 0.0
-    for step in range(config.steps):
-        started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config.lr, config.steps, config.warmup_ratio)
-        micro = [SFT.collate([rows[i] for i in schedule[step * config.grad_accum + k]], pad_id)
-                 for k in range(config.grad_accum)]
-        loss, _, _ = accumulate_gradients(model, micro, SFT)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds += time.perf_counter() - started
-        record = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
-        if val_rows and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
-            record["val_loss"] = validation_loss(model, val_rows, pad_id)
-            if record["val_loss"] < best["val_loss"]:
-                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best = {"step": step + 1, "val_loss": record["val_loss"], "weights": weights}
-        history.append(record)
-    if best["weights"] is not None:
-        model.load_state_dict(best["weights"])  # the best checkpoint, not the last, as train_sft does
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    return FullFTResult(model, history, best["step"], best["val_loss"], seconds)
+def train_full(model, tokenizer, train: list[dict], validation: list[dict] | None, config: FullFTConfig,
+               **loop_options) -> FullFTResult:
+    """Fine-tune every weight of `model` with AdamW on chat examples; keep the best weights by validation loss.
+
+    labkit.sft.train_loop does it (the config's `trains = "all"`): the same loop, loss and batches as LoRA SFT.
+    `loop_options` are its plot and progress.
+    """
+    result = train_loop(model, tokenizer, train, validation, config, SFT, **{"plot": False, **loop_options})
+    return FullFTResult(result.model, result.history, result.best_step, result.best_val_loss, result.train_seconds)
 
 
 def full_ft_key(model_name: str, train: list[dict], validation: list[dict] | None, config: FullFTConfig) -> str:

@@ -1,4 +1,10 @@
-"""Cached-layer LoRA training on the task: fixed batches, a small loop, one-matrix updates, config sweeps (notebook 03)."""
+"""Cached-layer LoRA training on the task: fixed batches, a small loop, one-matrix updates, config sweeps (notebook 03).
+
+A second loop on purpose, as a teaching device: 03 sweeps rank, alpha and learning rate over many short runs,
+which it can afford only by caching each layer's inputs once and training one layer's LoRA on them. Every
+course run of a whole model (SFT, full fine-tuning, DPO, ORPO, KTO) uses labkit.sft.train_loop; GRPO, which
+samples its own data as it trains, has its loop in labkit.grpo.
+"""
 
 from __future__ import annotations
 

@@ -225,6 +225,7 @@ class SFTResult:
     best_val_loss: float = math.inf
     stopped_early: bool = False
     tokens_per_s: float = 0.0
+    train_seconds: float = 0.0  # time in training steps, validation excluded
 
 
 class TrainingDiverged(LabkitError):
@@ -335,10 +336,20 @@ def train_loop(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> SFTResult:
-    """The one LoRA training loop: minimise `objective` on `train`, keep the best adapter by validation loss."""
-    # the adapter: a fresh LoRA (B = 0, so the model starts exactly at the base), seeded
+    """The one training loop: minimise `objective` on `train`, keep the best adapter by validation loss.
+
+    LoRA by default; a config with `trains = "all"` (labkit.full_ft.FullFTConfig) trains every weight of `model`
+    instead, on the same batches, and keeps the best weights.
+    """
+    full = getattr(config, "trains", "lora") == "all"
     torch.manual_seed(config.seed)
-    model = model if isinstance(model, PeftModel) else add_lora(model, config)
+    if full:  # full fine-tuning: no adapter, every weight trains
+        if out_dir:
+            raise LabkitError("train_loop: checkpoints hold a LoRA adapter, so a full fine-tuning run cannot write "
+                              "them. Fix: call it without out_dir (labkit.full_ft caches the finished run)")
+        model.requires_grad_(True)
+    else:  # the adapter: a fresh LoRA (B = 0, so the model starts exactly at the base), seeded
+        model = model if isinstance(model, PeftModel) else add_lora(model, config)
     if out_dir:
         check_writable(Path(out_dir))  # fail now, not at the first checkpoint after compute was spent
     # the data: tokenize once, then fix every step's batch indices up front (length-grouped, shuffled)
@@ -351,16 +362,20 @@ def train_loop(
                                       config.steps * config.grad_accum, config.seed)
     # several processes (a launcher started them): DDP around the loss; None when alone
     ddp = distributed.data_parallel(model, objective.loss)
-    # the optimizer: AdamW over the adapter's parameters only (the base stays frozen)
+    # the optimizer: AdamW over the adapter's parameters only (the base stays frozen), or over every weight
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     history: list[dict] = []
-    best = {"step": 0, "val_loss": math.inf, "adapter": adapter_state(model), "bad_evals": 0}
+    # the best checkpoint so far: the adapter's weights, or (full fine-tuning) a copy of every weight
+    snapshot = (lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}) if full else (
+        lambda: adapter_state(model))
+    best = {"step": 0, "val_loss": math.inf, "adapter": None if full else snapshot(), "bad_evals": 0}
     start_step = 0
     out_dir = Path(out_dir) if out_dir else None
     # resume: adapter, optimizer state, history and RNG from the latest checkpoint, so the run continues exactly;
     # a checkpoint of other settings or other data is refused (resuming it would silently make another run)
-    identity = run_identity(model, objective.name, config, {"data": data_label(train), "validation": data_label(validation)})
+    identity = None if full else run_identity(model, objective.name, config, {"data": data_label(train),
+                                                                             "validation": data_label(validation)})
     if resume and out_dir and (state := load_checkpoint(out_dir, model, identity)):
         load_adapter_weights(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
@@ -369,10 +384,11 @@ def train_loop(
     live = LossPlot(objective.name, objective.loss_label) if plot and distributed.is_main() else None
     result = SFTResult(model, history)
     model.train()
-    tokens, started = 0, time.perf_counter()
-    bar = tqdm(range(start_step, config.steps), desc=objective.name, initial=start_step, total=config.steps,
-               disable=not progress or not distributed.is_main())
+    tokens, started, step_seconds = 0, time.perf_counter(), 0.0
+    bar = tqdm(range(start_step, config.steps), desc=("full " if full else "") + objective.name, initial=start_step,
+               total=config.steps, disable=not progress or not distributed.is_main())
     for step in bar:
+        step_started = time.perf_counter()
         # the schedule: set this step's learning rate (warmup, then cosine decay)
         lr = lr_at(step, config.lr, config.steps, config.warmup_ratio)
         for group in optimizer.param_groups:
@@ -396,13 +412,14 @@ def train_loop(
         torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_seconds += time.perf_counter() - step_started
         # evaluation: validation loss every eval_every steps and at the end; keep the best adapter seen
         record = {"step": step + 1, "loss": step_loss, "lr": lr, **metrics}
         last = step + 1 == config.steps
         if val_rows and ((step + 1) % config.eval_every == 0 or last):
             record["val_loss"] = validation_loss(model, val_rows, pad_id, objective=objective)
             if record["val_loss"] < best["val_loss"]:
-                best = {"step": step + 1, "val_loss": record["val_loss"], "adapter": adapter_state(model), "bad_evals": 0}
+                best = {"step": step + 1, "val_loss": record["val_loss"], "adapter": snapshot(), "bad_evals": 0}
             else:
                 best["bad_evals"] += 1
         # logging: the progress bar, the live plot
@@ -421,10 +438,13 @@ def train_loop(
             break
     bar.close()
     result.tokens_per_s = tokens / max(time.perf_counter() - started, 1e-9)
-    if val_rows and best["val_loss"] < math.inf:
-        load_adapter_weights(model, best["adapter"])  # restore the best checkpoint, not the last
+    result.train_seconds = step_seconds
+    if val_rows and best["val_loss"] < math.inf:  # restore the best checkpoint, not the last
+        model.load_state_dict(best["adapter"]) if full else load_adapter_weights(model, best["adapter"])
         result.best_step, result.best_val_loss = best["step"], best["val_loss"]
     result.history = history
+    if full:
+        model.requires_grad_(False)
     model.eval()
     return result
 

@@ -7,7 +7,8 @@ from labkit.data import read_jsonl
 from labkit.full_ft import FullFTConfig, cached_full_ft, course_full_config, full_ft_key, train_full
 from labkit.paths import data_dir
 from labkit.runtime import PROFILES
-from labkit.sft import SFTConfig, course_config, train_sft
+from labkit import LabkitError
+from labkit.sft import SFT, SFTConfig, course_config, train_loop, train_sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,3 +64,17 @@ def test_course_full_config_uses_the_lora_runs_batches_and_a_lower_lr(profile):
     full = course_full_config(budget)
     assert (full.steps, full.batch_size, full.grad_accum, full.seed) == (lora.steps, lora.batch_size, lora.grad_accum, lora.seed)
     assert full.lr < lora.lr / 10
+
+
+def test_full_ft_is_the_sft_loop_with_every_weight_trainable(model, tokenizer, examples):
+    by_loop = train_loop(copy.deepcopy(model), tokenizer, examples[:8], examples[8:], TINY, SFT, plot=False,
+                         progress=False)
+    by_full_ft = train_full(copy.deepcopy(model), tokenizer, examples[:8], examples[8:], TINY, progress=False)
+    assert by_loop.history == by_full_ft.history and not hasattr(by_loop.model, "peft_config")
+    assert all(torch.equal(a, b) for a, b in zip(by_loop.model.state_dict().values(),
+                                                 by_full_ft.model.state_dict().values()))
+
+
+def test_full_ft_refuses_checkpoints_that_would_hold_only_an_adapter(model, tokenizer, examples, tmp_path):
+    with pytest.raises(LabkitError, match="out_dir"):
+        train_loop(model, tokenizer, examples[:8], None, TINY, SFT, out_dir=tmp_path, plot=False, progress=False)
