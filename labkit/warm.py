@@ -16,10 +16,12 @@ from labkit import LabkitError
 from labkit.outputs import execute, notebooks_dir
 from labkit.paths import cache_root
 
-# Minutes of each notebook's first run on an empty cache, 2 cores (AMD EPYC Zen 5), CPU profile: the README test
-# command's cold run on a new machine (nbval). A warm notebook takes a fraction of this. "10" is its own runs cold
-# with 05's and 06's runs already cached (labkit.outputs, 541 s), as they are when the notebooks run in order.
-COLD_MINUTES = {"00": 0.2, "01": 0.5, "02": 3.8, "03": 2.3, "04": 4.1, "05": 21.3, "06": 11.0, "07": 27.5,
+# Minutes of each notebook's first run on an empty cache, 2 cores, CPU profile. 00-04 and 06: measured on a new
+# machine on 2026-12-07 (`make warm` in order for 00-04; 06 by labkit.outputs after 05's main run was cached; 01 and
+# 02 were slowed by about two minutes of unit tests run beside them). 05: at least 27, the time its main LoRA run
+# took to finish in that run. 07-10: the README test command's earlier cold run (nbval); "10" is its own runs cold
+# with 05's and 06's runs cached (labkit.outputs, 541 s). A warm notebook takes a fraction of this.
+COLD_MINUTES = {"00": 0.4, "01": 8.3, "02": 20.3, "03": 6.0, "04": 9.5, "05": 27.0, "06": 28.1, "07": 27.5,
                 "08": 3.9, "09": 1.2, "10": 9.0}
 
 
