@@ -41,11 +41,13 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
-# LABKIT_REQUIRE_ENGINE=1: notebook 08's serving cells and tests/test_serve.py fail instead of skipping
-# when llama.cpp is missing, so a broken engine install cannot pass unnoticed.
+# --nbval-cell-timeout=1500: a cell that trains a run on an empty cache (06's ORPO took ~10 min on a slow 2-core
+# machine) must not time out; warm, cells take seconds. LABKIT_REQUIRE_ENGINE=1: notebook 08's serving cells and
+# tests/test_serve.py fail instead of skipping when llama.cpp is missing, so a broken engine install cannot pass
+# unnoticed.
 test: setup judge
 	HF_HUB_OFFLINE=1 LABKIT_REQUIRE_ENGINE=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
-		--nbval-cell-timeout=600 --nbval-sanitize-with .ci/sanitize.cfg -q -rfE
+		--nbval-cell-timeout=1500 --nbval-sanitize-with .ci/sanitize.cfg -q -rfE
 
 # Before a workshop: run every notebook once so each cached run (training, replies, judge verdicts) is in labkit's
 # cache; `LABKIT_HOME=/shared/folder make warm` prepares one cache for a room. One line per notebook, with its
