@@ -51,19 +51,19 @@ test: setup judge
 
 # Before a workshop: run every notebook once so each cached run (training, replies, judge verdicts) is in labkit's
 # cache; `LABKIT_HOME=/shared/folder make warm` prepares one cache for a room. One line per notebook, with its
-# expected cold minutes (labkit/warm.py).
+# expected cold minutes (labkit/course/warm.py).
 warm: setup judge
-	HF_HUB_OFFLINE=1 $(PY) -m labkit.warm
+	HF_HUB_OFFLINE=1 $(PY) -m labkit.course.warm
 
 # Re-execute the notebooks whose stored outputs are older than their code (all of them: `make outputs ALL=1`),
-# clean and stamp the outputs (labkit/outputs.py); tests/test_outputs.py fails while any is stale.
+# clean and stamp the outputs (labkit/course/outputs.py); tests/test_outputs.py fails while any is stale.
 outputs: setup judge
-	HF_HUB_OFFLINE=1 $(PY) -m labkit.outputs $(if $(ALL),--all)
+	HF_HUB_OFFLINE=1 $(PY) -m labkit.course.outputs $(if $(ALL),--all)
 
-# The course as a static website in site/ (labkit/site.py): stored outputs whose stamps match the code are used as
+# The course as a static website in site/ (labkit/course/site.py): stored outputs whose stamps match the code are used as
 # they are, the other notebooks are executed first (ALL=1: every notebook). STORED=1 renders what is stored, stale or not.
 site: setup judge
-	HF_HUB_OFFLINE=1 $(PY) -m labkit.site $(if $(STORED),--stored) $(if $(ALL),--all)
+	HF_HUB_OFFLINE=1 $(PY) -m labkit.course.site $(if $(STORED),--stored) $(if $(ALL),--all)
 
 data: setup
 	$(PY) -m labkit.datagen data

@@ -64,7 +64,7 @@ def error_line(err: LabkitError) -> str:
 
 def bug_line(err: BaseException) -> str:
     """An unexpected exception as one line: what it was and where, that it is a bug, and what to do about it."""
-    from labkit.colab import REPO_URL
+    from labkit.course.colab import REPO_URL
 
     frames = traceback.extract_tb(err.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""

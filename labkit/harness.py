@@ -10,7 +10,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 from labkit import LabkitError
-from labkit.colab import install_on_colab
+from labkit.course.colab import install_on_colab
 from labkit.evaluate import PROBE_TOKENS, generate, probe_conversations, score_probes
 from labkit.paths import data_dir
 from labkit.runtime import model_autocast, pick_amp_dtype

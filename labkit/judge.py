@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from labkit import LabkitError
 from labkit.checkpoint import sha256
-from labkit.colab import install_on_colab
+from labkit.course.colab import install_on_colab
 from labkit.paths import cache_root
 from labkit.store import content_key, write_file, write_text
 from labkit.tickets import CATEGORIES, FIELDS, PRIORITIES, PRODUCTS, SENTIMENTS

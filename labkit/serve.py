@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import LabkitError
-from labkit.colab import install_on_colab
+from labkit.course.colab import install_on_colab
 
 ENGINE = "llama-cpp-python[server]==0.3.36"
 INSTALL = f'pip install "{ENGINE}"   (builds llama.cpp from source: needs cmake and a C++ compiler, ~10 min once)'

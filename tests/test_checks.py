@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from labkit.checks import (NOT_ANSWERED, check_break_even, check_dpo_pair, check_early_stop, check_jaccard,
+from labkit.course.checks import (NOT_ANSWERED, check_break_even, check_dpo_pair, check_early_stop, check_jaccard,
                            check_kappa, check_lora_count, check_nf4_indices, check_template_overhead)
 from labkit.decide import GPU_TIERS
 from labkit.metrics import cohen_kappa
@@ -260,7 +260,7 @@ def test_kappa_accepts_the_reference_solution():
 
 # ---------------------------------------------------------------- 02: distinct-n of a list of tickets
 
-from labkit.checks import check_distinct_n  # noqa: E402  (appended with its exercise)
+from labkit.course.checks import check_distinct_n  # noqa: E402  (appended with its exercise)
 
 TICKETS = ["My parcel is late. My parcel is lost!", "my parcel is LATE", "The kettle leaks."]
 
@@ -294,7 +294,7 @@ def test_distinct_n_accepts_the_reference_solution():
 
 # ---------------------------------------------------------------- 10: the advantages of one GRPO group by hand
 
-from labkit.checks import check_group_advantages  # noqa: E402  (appended with its exercise)
+from labkit.course.checks import check_group_advantages  # noqa: E402  (appended with its exercise)
 
 GROUP_REWARDS = [1.0, 0.4, 0.4, 0.0]  # one prompt's k = 4 replies, scored
 
@@ -343,7 +343,7 @@ def test_group_advantages_reject_uncentred_rewards_and_explain_an_all_equal_grou
 
 # ---------------------------------------------------------------- 08: TIES on four numbers by hand
 
-from labkit.checks import check_ties  # noqa: E402  (appended with its exercise)
+from labkit.course.checks import check_ties  # noqa: E402  (appended with its exercise)
 
 TASK_A, TASK_B = [0.5, -0.1, 0.2, -0.4], [-0.3, 0.1, 0.2, -0.6]
 
@@ -392,7 +392,7 @@ def test_ties_rejects_a_wrong_number_of_values():
 
 # ---------------------------------------------------------------- 07: which tokens the automaton allows next
 
-from labkit.checks import check_allowed_tokens  # noqa: E402  (appended with its exercise)
+from labkit.course.checks import check_allowed_tokens  # noqa: E402  (appended with its exercise)
 from labkit.constrain import triage_grammar  # noqa: E402
 
 PREFIX = '{"category": "'

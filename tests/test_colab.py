@@ -1,4 +1,4 @@
-"""The notebooks' Colab cell (labkit.colab.COLAB_CELL), run as on Colab: a fake `google.colab` module, the
+"""The notebooks' Colab cell (labkit.course.colab.COLAB_CELL), run as on Colab: a fake `google.colab` module, the
 repository URL pointed at this checkout (file://), the course folder in a temporary directory.
 
 The clone runs for real; the install is asked of pip with `--dry-run --report` in a stand-in for Colab's
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.colab import COLAB_CELL
+from labkit.course.colab import COLAB_CELL
 
 ROOT = Path(__file__).resolve().parent.parent
 # What Colab preinstalls (late 2026, ../shared/reference/notebook-testing.md).
@@ -113,7 +113,7 @@ def test_installing_on_colab_changes_no_preinstalled_package(colab):
 
 
 def test_off_colab_nothing_is_installed_on_demand(monkeypatch):
-    from labkit.colab import install_on_colab
+    from labkit.course.colab import install_on_colab
 
     calls = []
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
@@ -122,7 +122,7 @@ def test_off_colab_nothing_is_installed_on_demand(monkeypatch):
 
 
 def test_on_colab_a_notebook_installs_what_only_it_needs_when_it_first_needs_it(monkeypatch):
-    from labkit.colab import install_on_colab
+    from labkit.course.colab import install_on_colab
 
     calls = []
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))

@@ -72,10 +72,10 @@ UPGRADED_ON_COLAB = {"datasets": "every trl >= 1.0 requires datasets >= 4.7; no 
 
 
 def sources() -> list[tuple[str, list[tuple[str, str]]]]:
-    """Each file of labkit/, benchmarks/ and notebooks/ as (file, [(where, Python code)]): a notebook's code cells
+    """Each file of labkit/ (and labkit/course/), benchmarks/ and notebooks/ as (file, [(where, Python code)]): a notebook's code cells
     one by one (IPython magics dropped), a module whole."""
     found = [(str(p.relative_to(ROOT)), [(str(p.relative_to(ROOT)), p.read_text(encoding="utf-8"))])
-             for folder in ["labkit", "benchmarks"] for p in sorted((ROOT / folder).glob("*.py"))]
+             for folder in ["labkit", "labkit/course", "benchmarks"] for p in sorted((ROOT / folder).glob("*.py"))]
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
         code = [(f"{path.relative_to(ROOT)} cell {i}", "\n".join(

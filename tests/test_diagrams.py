@@ -1,4 +1,4 @@
-"""labkit.diagrams: the teaching diagrams say what labkit's code does (shapes, counts, code values, beta)."""
+"""labkit.course.diagrams: the teaching diagrams say what labkit's code does (shapes, counts, code values, beta)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from labkit import diagrams, quant  # noqa: E402
+from labkit import quant
+from labkit.course import diagrams  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +110,7 @@ def test_preference_flow_shows_the_beta_it_was_given():
 
 def test_preference_flow_default_beta_is_dpo_configs_default():
     # read from the source: importing labkit.dpo pulls in peft, too slow for this file
-    tree = ast.parse((Path(diagrams.__file__).parent / "dpo.py").read_text(encoding="utf-8"))
+    tree = ast.parse((Path(diagrams.__file__).parents[1] / "dpo.py").read_text(encoding="utf-8"))
     (config,) = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "DPOConfig"]
     (beta,) = [n.value for n in config.body if isinstance(n, ast.AnnAssign) and n.target.id == "beta"]
     assert inspect.signature(diagrams.preference_flow).parameters["beta"].default == ast.literal_eval(beta)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit.colab import COLAB_CELL, colab_cell_source
+from labkit.course.colab import COLAB_CELL, colab_cell_source
 from labkit.runtime import PROFILES
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
@@ -23,7 +23,7 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_the_first_code_cell_is_the_colab_cell(path):
-    assert colab_cell_source(path) == COLAB_CELL, f"run `python -m labkit.colab` to rewrite {path.name}'s first cell"
+    assert colab_cell_source(path) == COLAB_CELL, f"run `python -m labkit.course.colab` to rewrite {path.name}'s first cell"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

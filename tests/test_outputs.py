@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from labkit import LabkitError
-from labkit import outputs as labkit_outputs
-from labkit.outputs import (MAX_OUTPUT_BYTES, WIDGET_VIEW, clean, keep, notebooks_dir, oversized, read_notebook,
+from labkit.course import outputs as labkit_outputs
+from labkit.course.outputs import (MAX_OUTPUT_BYTES, WIDGET_VIEW, clean, keep, notebooks_dir, oversized, read_notebook,
                             stale_cells)
 
 NOTEBOOKS = sorted(notebooks_dir().glob("[0-9]*.ipynb"))

@@ -1,4 +1,4 @@
-"""Numbers in the course's prose: a figure a run produces is never typed into markdown (labkit.prose).
+"""Numbers in the course's prose: a figure a run produces is never typed into markdown (labkit.course.prose).
 
 Every markdown cell of every notebook, and README.md, states only figures that are cited (with their source) or
 defined (settings, formats, asserted bounds); a result is pointed at ("the table above") or rendered by a code cell.
@@ -6,8 +6,8 @@ defined (settings, formats, asserted bounds); a result is pointed at ("the table
 
 import pytest
 
-from labkit.outputs import notebooks_dir, write_notebook
-from labkit.prose import explain, figures, notebook_figures, readme_figures, summary
+from labkit.course.outputs import notebooks_dir, write_notebook
+from labkit.course.prose import explain, figures, notebook_figures, readme_figures, summary
 
 NOTEBOOKS = sorted(notebooks_dir().glob("[0-9]*.ipynb"))
 README = notebooks_dir().parent / "README.md"

@@ -1,11 +1,11 @@
-"""The rendered course (labkit.site): a page per notebook with its plots, and a contents page linking them."""
+"""The rendered course (labkit.course.site): a page per notebook with its plots, and a contents page linking them."""
 
 import re
 
 import pytest
 
-from labkit.outputs import notebooks_dir, read_notebook
-from labkit.site import build, headings, title
+from labkit.course.outputs import notebooks_dir, read_notebook
+from labkit.course.site import build, headings, title
 
 NOTEBOOKS = sorted(notebooks_dir().glob("[0-9]*.ipynb"))
 
@@ -47,8 +47,8 @@ def test_headings_are_read_from_markdown():
 
 
 def test_make_site_executes_only_notebooks_whose_stored_outputs_are_missing_or_stale(tmp_path, monkeypatch):
-    import labkit.site as site_module
-    from labkit.outputs import clean, write_notebook
+    import labkit.course.site as site_module
+    from labkit.course.outputs import clean, write_notebook
 
     def toy(source: str, stored: bool) -> dict:
         cell = {"cell_type": "code", "metadata": {}, "source": [source], "execution_count": 1 if stored else None,

@@ -1,9 +1,9 @@
 """The notebooks' stored outputs: executed, cleaned, and stamped so a stale output cannot go unnoticed.
 
-A learner on GitHub, in Colab before running, or reading the site (labkit.site) sees the plots, tables and
+A learner on GitHub, in Colab before running, or reading the site (labkit.course.site) sees the plots, tables and
 numbers of a clean run of the CPU profile. Each code cell carries a stamp: the hash of its own source and of
 every code cell above it (an output depends on what ran before it). `stale_cells` lists cells whose stamp
-no longer matches, tests/test_outputs.py fails on any, and `make outputs` (python -m labkit.outputs)
+no longer matches, tests/test_outputs.py fails on any, and `make outputs` (python -m labkit.course.outputs)
 re-executes and re-stamps. Outputs that say nothing off-line are dropped: stderr (warnings, text progress
 bars), widget views (progress bars and sliders need a live kernel) and error tracebacks.
 """
@@ -28,7 +28,7 @@ MAX_OUTPUT_BYTES = 400_000  # one output (a plot at the course's sizes is 20-120
 
 def notebooks_dir() -> Path:
     """The repository's notebooks/ folder."""
-    return Path(__file__).resolve().parent.parent / "notebooks"
+    return Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def read_notebook(path: str | Path) -> dict:
@@ -164,8 +164,8 @@ def refresh(path: str | Path, timeout_s: int = 600) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m labkit.outputs [NAME ...]`: refresh the stale notebooks (or the named ones); --check only lists."""
-    parser = argparse.ArgumentParser(prog="python -m labkit.outputs", description=main.__doc__)
+    """`python -m labkit.course.outputs [NAME ...]`: refresh the stale notebooks (or the named ones); --check only lists."""
+    parser = argparse.ArgumentParser(prog="python -m labkit.course.outputs", description=main.__doc__)
     parser.add_argument("names", nargs="*", help="notebook files or name prefixes (e.g. 03); default: every stale one")
     parser.add_argument("--check", action="store_true", help="list stale notebooks and exit 1 if any")
     parser.add_argument("--all", action="store_true", help="refresh every notebook, stale or not")

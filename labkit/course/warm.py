@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 from labkit import LabkitError
-from labkit.outputs import execute, notebooks_dir
+from labkit.course.outputs import execute, notebooks_dir
 from labkit.paths import cache_root
 
 # Minutes of each notebook's first run on an empty cache, 2 cores, CPU profile. 00-04 and 06: measured on a new
-# machine on 2026-12-07 (`make warm` in order for 00-04; 06 by labkit.outputs after 05's main run was cached; 01 and
+# machine on 2026-12-07 (`make warm` in order for 00-04; 06 by labkit.course.outputs after 05's main run was cached; 01 and
 # 02 were slowed by about two minutes of unit tests run beside them). 05: at least 27, the time its main LoRA run
 # took to finish in that run. 07-10: the README test command's earlier cold run (nbval); "10" is its own runs cold
-# with 05's and 06's runs cached (labkit.outputs, 541 s). A warm notebook takes a fraction of this.
+# with 05's and 06's runs cached (labkit.course.outputs, 541 s). A warm notebook takes a fraction of this.
 COLD_MINUTES = {"00": 0.4, "01": 8.3, "02": 20.3, "03": 6.0, "04": 9.5, "05": 27.0, "06": 28.1, "07": 27.5,
                 "08": 3.9, "09": 1.2, "10": 9.0}
 
@@ -46,8 +46,8 @@ def warm(paths: list[Path], timeout_s: int = 1800) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m labkit.warm [NAME ...]`: fill labkit's cache by running the notebooks (or the named ones)."""
-    parser = argparse.ArgumentParser(prog="python -m labkit.warm", description=main.__doc__)
+    """`python -m labkit.course.warm [NAME ...]`: fill labkit's cache by running the notebooks (or the named ones)."""
+    parser = argparse.ArgumentParser(prog="python -m labkit.course.warm", description=main.__doc__)
     parser.add_argument("names", nargs="*", help="notebook name prefixes (e.g. 05 06); default: every notebook")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run on a cold cache")
     args = parser.parse_args(argv)

@@ -1,8 +1,8 @@
 """The course as a static website: one HTML page per executed notebook and a contents page, built with nbconvert.
 
-`make site` renders each notebook's stored outputs when their stamps match its code (labkit.outputs: a stored
+`make site` renders each notebook's stored outputs when their stamps match its code (labkit.course.outputs: a stored
 run is the cache of that run) and executes the others first (missing or stale outputs; `--all`: every one);
-`python -m labkit.site --stored` renders what is stored as it is, in seconds.
+`python -m labkit.course.site --stored` renders what is stored as it is, in seconds.
 Open site/index.html in a browser, or publish the folder on any static host (GitHub Pages, S3, ...).
 """
 
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from labkit.outputs import clean, execute, notebooks_dir, read_notebook, rendered, source_text, stale_cells, write_notebook
+from labkit.course.outputs import clean, execute, notebooks_dir, read_notebook, rendered, source_text, stale_cells, write_notebook
 
 NAV_STYLE = ("nav.labkit{display:flex;justify-content:space-between;margin:.5rem auto;padding:.5rem 1rem;"
              "font-family:system-ui,sans-serif;border-bottom:1px solid #ddd}nav.labkit a{text-decoration:none}")
@@ -109,8 +109,8 @@ def build(out: str | Path = "site", execute_first: bool = True, execute_all: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m labkit.site [--out DIR] [--stored]`: build the course website."""
-    parser = argparse.ArgumentParser(prog="python -m labkit.site", description=main.__doc__)
+    """`python -m labkit.course.site [--out DIR] [--stored]`: build the course website."""
+    parser = argparse.ArgumentParser(prog="python -m labkit.course.site", description=main.__doc__)
     parser.add_argument("--out", default="site", help="folder to write (replaced as a whole)")
     parser.add_argument("--stored", action="store_true", help="render the stored outputs, even stale ones; run nothing")
     parser.add_argument("--all", action="store_true", help="execute every notebook, even those with fresh outputs")

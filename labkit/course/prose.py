@@ -1,6 +1,6 @@
 """Numbers in the course's prose: a figure a run produces is never typed into markdown.
 
-Stored outputs carry a stamp of their code (labkit.outputs), so a stale output cannot go unnoticed; markdown has
+Stored outputs carry a stamp of their code (labkit.course.outputs), so a stale output cannot go unnoticed; markdown has
 no stamp. A time, a speed-up, a size or an accuracy typed into a sentence goes stale the day the code, the data or
 the machine changes, and then the notebook contradicts itself. So markdown points at the table, plot or printed
 line that shows a result ("the table above") without restating it, or a code cell renders the sentence from the
@@ -17,7 +17,7 @@ run's variables and asserts it where it is a claim. What markdown may state:
   digits (Qwen2.5), code spans, LaTeX and links.
 
 A figure is a decimal, a percentage, a multiplier (`1.6x`, `3x faster`), an amount of money, or a number with a
-unit of time, memory or speed (s, ms, min, hours, MB, GB, tokens/s). `python -m labkit.prose` lists every figure
+unit of time, memory or speed (s, ms, min, hours, MB, GB, tokens/s). `python -m labkit.course.prose` lists every figure
 with its verdict; tests/test_prose.py fails on any that is neither cited nor defined.
 """
 
@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from labkit.outputs import notebooks_dir, read_notebook, source_text
+from labkit.course.outputs import notebooks_dir, read_notebook, source_text
 
 NUMBER = r"\d+(?:,\d{3})*(?:\.\d+)?"
 RANGE = rf"{NUMBER}(?:\s?(?:-|–|to)\s?{NUMBER})?"
@@ -163,7 +163,7 @@ def summary(found: list[Figure]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m labkit.prose [--all]`: the stale figures (every figure with --all) and a summary; 1 if any is stale."""
+    """`python -m labkit.course.prose [--all]`: the stale figures (every figure with --all) and a summary; 1 if any is stale."""
     found = scan()
     show = found if argv and "--all" in argv else [f for f in found if f.verdict == "stale"]
     for figure in show:

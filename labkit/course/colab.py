@@ -1,6 +1,6 @@
 """The first cell of every notebook: on Colab it fetches the course and installs what Colab lacks.
 
-The course's address is written here once (REPO_URL). `python -m labkit.colab` writes COLAB_CELL into
+The course's address is written here once (REPO_URL). `python -m labkit.course.colab` writes COLAB_CELL into
 every notebook; tests/test_notebooks.py fails if a notebook's copy differs.
 """
 
@@ -53,7 +53,7 @@ def install_on_colab(requirement: str, why: str, no_deps: bool = False) -> bool:
 
 def notebooks_dir() -> Path:
     """The repository's notebooks/ folder."""
-    return Path(__file__).resolve().parent.parent / "notebooks"
+    return Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def colab_cell_source(path: str | Path) -> str:
