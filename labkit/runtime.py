@@ -24,6 +24,8 @@ PROFILES: dict[str, dict] = {
         "model": SMOLLM2_135M,
         # 01: tickets per prompt baseline
         "decide_examples": 16,
+        # 01: facts no model knows, taught by LoRA SFT (products x 4 facts, steps) and compared with retrieval
+        "knowledge_products": 12, "knowledge_steps": 60, "knowledge_lr": 1e-3,
         # 02: dirty vs clean (same budget), and the learning curve
         "data_steps": 24, "data_batch_size": 2, "data_lr": 2e-3, "data_seeds": [0], "data_eval_examples": 64,
         "curve_sizes": [3, 12, 48], "curve_steps": 24, "curve_batch_size": 2, "curve_eval": 32,
@@ -60,6 +62,7 @@ PROFILES: dict[str, dict] = {
     "gpu": {
         "model": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
         "decide_examples": 100,
+        "knowledge_products": 16, "knowledge_steps": 80, "knowledge_lr": 5e-4,
         "data_steps": 60, "data_batch_size": 4, "data_lr": 2e-4, "data_seeds": [0, 1, 2], "data_eval_examples": 200,
         "curve_sizes": [25, 50, 100, 200, 400, 800, 1600], "curve_steps": 100, "curve_batch_size": 16,
         "curve_eval": 200,
