@@ -416,6 +416,33 @@ def pairwise_question(ticket: str, reply_a: str, reply_b: str) -> list[dict]:
     return [{"role": "system", "content": GRADER}, {"role": "user", "content": ticket_block(ticket) + question}]
 
 
+# The reply task's rubric, written before any verdict on a reply: the rule that labkit.dpo.greets_by_name applies, so
+# every verdict has a known truth (notebook 07 calibrates the judge on it).
+REPLY_RUBRIC = ("You check replies to customers. A reply passes when its first words greet the customer by name, "
+                "such as \"Hi Maria,\" or \"Hello Tom!\". A greeting without the name (\"Hi there,\"), the name without "
+                "a greeting, or no greeting at all fails. Answer with one word.")
+
+
+def greeting_question(reply: str, name: str) -> list[dict]:
+    """Does this reply open with a greeting that names the customer? (answers: YES_NO), under REPLY_RUBRIC."""
+    question = (f"Customer's name: {name}\nReply:\n{reply.strip()}\n\n"
+                "Does the reply open with a greeting that names the customer? Answer yes or no.")
+    return [{"role": "system", "content": REPLY_RUBRIC}, {"role": "user", "content": question}]
+
+
+def rating_panel(items: list[tuple[str, str]]):
+    """A widget for labelling replies by hand, one yes/no row per (reply, customer name); `.toggles` hold the labels."""
+    import html
+
+    import ipywidgets as widgets
+
+    toggles = [widgets.ToggleButtons(options=["yes", "no"], value=None, style={"button_width": "44px"}) for _ in items]
+    rows = [widgets.HBox([toggle, widgets.HTML(f"<b>{html.escape(name)}</b> &larr; {html.escape(reply.strip()[:160])}")])
+            for (reply, name), toggle in zip(items, toggles)]
+    panel = widgets.VBox([widgets.HTML("<b>Does the reply open with a greeting that names the customer?</b>"), *rows])
+    panel.toggles = toggles
+    return panel
+
 # ---------------------------------------------------------------- verdicts, cached by content
 
 

@@ -581,3 +581,18 @@ def test_a_checker_cell_echoes_no_true_or_false(exercise):
     ends_in_a_check = (isinstance(last, ast.Expr) and isinstance(last.value, ast.Call)
                        and getattr(last.value.func, "id", "").startswith("check_"))
     assert not ends_in_a_check or DisplayHook.semicolon_at_end_of_expression(checker), "end the call with ;"
+
+
+def test_ratings_with_a_missing_label_are_not_finished(capsys):
+    from labkit.course.checks import check_ratings
+
+    assert check_ratings(["yes", None], ["yes", "no"], ["yes", "yes"]) is False
+    assert "1 of 2 replies have no label" in capsys.readouterr().out
+
+
+def test_ratings_report_kappa_against_the_rule_and_the_judge(capsys):
+    from labkit.course.checks import check_ratings
+
+    assert check_ratings(["yes", "no", "yes", "no"], ["yes", "no", "yes", "no"], ["yes", "yes", "no", "no"]) is True
+    out = capsys.readouterr().out
+    assert "against the rule: 1.00" in out and "against the judge: 0.00" in out

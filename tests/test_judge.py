@@ -287,3 +287,21 @@ def test_the_real_judge_loads_and_answers_two_questions():
     with Judge(threads=2) as j:
         answers = [j.choose(field_question(TICKET, "category", value), YES_NO) for value in ("billing", "shipping")]
     assert set(answers) <= {*YES_NO, UNPARSED} and j.calls == 2 and j.seconds > 0
+
+
+def test_the_greeting_question_states_the_rule_and_carries_the_name_and_the_reply():
+    from labkit.judge import REPLY_RUBRIC, greeting_question
+
+    messages = greeting_question("  Hi Maria, thanks for writing.\n", "Maria")
+    assert messages[0] == {"role": "system", "content": REPLY_RUBRIC} and "by name" in REPLY_RUBRIC
+    assert "Customer's name: Maria" in messages[1]["content"]
+    assert "Hi Maria, thanks for writing." in messages[1]["content"] and messages[1]["content"].endswith("yes or no.")
+
+
+def test_the_rating_panel_starts_unlabelled_and_reads_each_click():
+    from labkit.judge import rating_panel
+
+    panel = rating_panel([("Hi Ann, sorry about that.", "Ann"), ("Hello there!", "Bo")])
+    assert [t.value for t in panel.toggles] == [None, None]
+    panel.toggles[1].value = "no"
+    assert [t.value for t in panel.toggles] == [None, "no"]

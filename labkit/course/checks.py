@@ -187,6 +187,20 @@ def check_kappa(kappa: float, judge_says: list[str], truth: list[str]) -> bool:
     return _ok("(p_o - p_e) / (1 - p_e): the observed agreement, corrected for the agreement expected by chance.")
 
 
+def check_ratings(mine: list, rule: list[str], judge_says: list[str]) -> bool:
+    """Report the exercise 'label replies yourself': your kappa against the rule and against the judge."""
+    from labkit.metrics import cohen_kappa
+
+    if missing := sum(label is None for label in mine):
+        print(f"Not finished yet: {missing} of {len(mine)} replies have no label. Click yes or no on every row "
+              "above, then run this cell again.")
+        return False
+    you_rule, you_judge, judge_rule = cohen_kappa(mine, rule), cohen_kappa(mine, judge_says), cohen_kappa(judge_says, rule)
+    print(f"Your kappa against the rule: {you_rule:.2f}; against the judge: {you_judge:.2f}; the judge against the "
+          f"rule on the same {len(mine)} replies: {judge_rule:.2f}. Where you and the rule disagree, read the reply "
+          "again: either you slipped, or the rule says something you would not (that is how rules get fixed).")
+    return True
+
 def check_distinct_n(ratio: float, texts: list[str], n: int) -> bool:
     """Check the exercise 'distinct-n of a list of tickets by hand': distinct word n-grams over all of them."""
     if _blank(ratio):
