@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -226,8 +227,18 @@ def quantize_gguf(source: str | Path, path: str | Path, level: str = "Q4_K_M", t
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = ftype, threads
 
+    # llama-cpp-python prints llama.cpp's log (a line per tensor quantized: ~1,100 lines for SmolLM2) to stderr through
+    # the "llama-cpp-python" logger (llama_cpp/_logger.py); a notebook shows that as a pink block. Errors still print.
+    log = logging.getLogger("llama-cpp-python")
+
     def quantize(tmp: Path) -> None:
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
+        was = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            failed = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0
+        finally:
+            log.setLevel(was)
+        if failed:
             raise LabkitError(f"llama.cpp could not quantize {source} to {level}. Fix: check that the file is a "
                               "complete GGUF (delete it to re-export)")
 

@@ -175,3 +175,14 @@ def test_a_lora_export_of_an_adapter_that_is_not_loaded_is_refused_and_writes_no
     with pytest.raises(LabkitError, match="not loaded"):
         export_lora_gguf(lora_model, "reply", tmp_path / "reply.gguf")
     assert not (tmp_path / "reply.gguf").exists()
+
+
+def test_quantizing_with_llama_cpp_writes_no_log_to_stderr(model, small_tokenizer, f32_file, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    from labkit.export import quantize_gguf
+
+    f16 = export_gguf(model, small_tokenizer, tmp_path / "m-F16.gguf", "F16")
+    capsys.readouterr()
+    quantize_gguf(f16, tmp_path / "m-Q8_0.gguf", "Q8_0")
+    assert (tmp_path / "m-Q8_0.gguf").stat().st_size > 0
+    assert capsys.readouterr().err == ""
