@@ -16,13 +16,11 @@ from labkit import LabkitError
 from labkit.course.outputs import execute, notebooks_dir
 from labkit.paths import cache_root
 
-# Minutes of each notebook's first run on an empty cache, 2 cores, CPU profile. 00-04 and 06: measured on a new
-# machine on 2026-12-07 (`make warm` in order for 00-04; 06 by labkit.course.outputs after 05's main run was cached; 01 and
-# 02 were slowed by about two minutes of unit tests run beside them). 05: at least 27, the time its main LoRA run
-# took to finish in that run. 07-10: the README test command's earlier cold run (nbval); "10" is its own runs cold
-# with 05's and 06's runs cached (labkit.course.outputs, 541 s). A warm notebook takes a fraction of this.
-COLD_MINUTES = {"00": 0.4, "01": 8.3, "02": 20.3, "03": 6.0, "04": 9.5, "05": 27.0, "06": 28.1, "07": 27.5,
-                "08": 3.9, "09": 1.2, "10": 9.0}
+# Minutes of each notebook's first run on an empty cache, 2 cores, CPU profile, in order: measured on a new machine on
+# 2026-12-08 (labkit.course.outputs, one notebook at a time). 03 ran beside a second notebook for most of its run, so its
+# figure is high; 01 includes the knowledge experiment's LoRA run. A warm notebook takes a fraction of this.
+COLD_MINUTES = {"00": 0.2, "01": 3.5, "02": 5.2, "03": 13.1, "04": 6.6, "05": 23.4, "06": 8.8, "07": 47.3,
+                "08": 14.3, "09": 1.3, "10": 12.4}
 
 
 def expected(path: Path) -> str:
